@@ -1,0 +1,179 @@
+"""Peak memory of one training step on CPU: full fine-tuning vs LoRA vs QLoRA (NF4 base).
+
+    python bench/memory.py              # pico-base + 110M-shaped Llama, then the 7B QLoRA step
+    python bench/memory.py --no-7b      # the quick part only (a few minutes less)
+
+What is measured. Each (model, mode) runs in a fresh subprocess, so one run's freed memory
+cannot hide another's peak. The child builds the model, applies LoRA (r=8, alpha=16, all
+linear layers but the head), runs ONE step (forward, chunked masked loss, backward, AdamW on the
+trainable parameters) on a fixed random batch, and reports the kernel's peak resident set size
+of the whole process (VmHWM: Python + torch + weights + gradients + optimizer state +
+activations), next to the size right after `import torch` (the floor every run pays).
+All memory figures, including the JSON keys ending in `_gb`, are GiB (2^30 bytes).
+
+Models. pico-base (checkpoints/, loaded from disk; QLoRA loads it through the NF4 hook) and a
+"110M"-shaped Llama (hidden 768, 12 layers, 12 heads, FFN 2048, vocab 32000) with random
+weights, compute in fp32. Then a Llama-2-7B-shaped model (hidden 4096, 32 layers, 32 heads,
+FFN 11008, vocab 32000) for QLoRA only: its random weights are generated one matrix at a time and
+quantized to NF4 as they are made, so the full-precision model never exists; embeddings, norms
+and head in bf16, LoRA in fp32, batch 1 x 256 tokens. Activation checkpointing per block is
+available (--checkpointing) but off: at 1 x 256 tokens the activations are small next to the
+3.4 GB of NF4 weights, and recomputing would dequantize every weight a third time.
+
+Storage: bits per parameter of the NF4 linears = (packed codes + 8-bit absmax + fp32 second
+level scales + offset) / parameters, expected 4 + 8/64 + 32/(64*256) = 4.127.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "110m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=2048),
+    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, max_position_embeddings=4096),
+}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def build_random(shape: str, mode: str, dtype):
+    """A random-weight Llama built module by module; with mode=qlora every linear but the head
+    is quantized the moment its weight exists (the meta device holds the skeleton meanwhile)."""
+    import torch
+    from torch import nn
+
+    from model.llama import Config, RMSNorm, Transformer
+    from model.nf4 import Linear4bit
+    torch.manual_seed(0)
+    cfg = Config(**SHAPES[shape])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                w = torch.randn(child.out_features, child.in_features) * 0.02
+                if mode == "qlora" and name != "lm_head":
+                    setattr(parent, name, Linear4bit(w, compute_dtype=dtype))
+                else:
+                    child.weight = nn.Parameter(w.to(dtype))
+                del w
+            elif isinstance(child, nn.Embedding):
+                child.weight = nn.Parameter((torch.randn(child.weight.shape) * 0.02).to(dtype))
+            elif isinstance(child, RMSNorm):
+                child.weight = nn.Parameter(torch.ones(child.weight.shape, dtype=dtype))
+    return model
+
+
+def run_one(spec: dict) -> dict:
+    """In the child: build, (quantize,) apply LoRA, one step; return the measured figures."""
+    import torch
+    torch.set_num_threads(spec["threads"])
+    base_kib = _status_kib("VmRSS")
+    sys.path.insert(0, str(ROOT))
+    import lora
+    from model import load_pretrained
+    from model.loss import masked_ce_sum
+    from model.nf4 import load_quantized, nf4_bits_per_param
+    dtype = getattr(torch, spec["dtype"])
+    t0 = time.time()
+    if spec["model"] == "pico":
+        folder = ROOT / "checkpoints" / "pico-base"
+        model = load_quantized(folder, dtype) if spec["mode"] == "qlora" else load_pretrained(folder, dtype)
+    else:
+        model = build_random(spec["model"], spec["mode"], dtype)
+    build_s = time.time() - t0
+    model_kib = _status_kib("VmRSS")
+    if spec["mode"] != "full":
+        lora.apply_lora(model, r=8, alpha=16, targets="all-linear")
+    if spec["checkpointing"]:
+        from training.distributed import checkpoint_blocks
+        checkpoint_blocks(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=g)
+    t0 = time.time()
+    loss, n = masked_ce_sum(model, model(x, return_hidden=True), x)
+    (loss / n).backward()
+    opt.step()
+    step_s = time.time() - t0
+    return {
+        "peak_rss_gb": _status_kib("VmHWM") / 1024**2, "torch_import_rss_gb": base_kib / 1024**2,
+        "after_build_rss_gb": model_kib / 1024**2, "build_s": build_s, "step_s": step_s,
+        "loss": (loss / n).item(), "trainable_m": sum(p.numel() for p in params) / 1e6,
+        "nf4_bits_per_param": nf4_bits_per_param(model) if spec["mode"] == "qlora" else None,
+    }
+
+
+def spawn(spec: dict) -> dict:
+    # A fixed glibc mmap threshold: every allocation above 128 KiB gets its own mapping, returned
+    # to the kernel when freed. With glibc's default (a threshold that grows as big blocks are
+    # freed), freed activations linger in the heap, and the peak RSS of the same run varied by
+    # up to 1 GB from one launch to the next.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
+                          text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-7b", action="store_true", help="skip the Llama-2-7B-shaped QLoRA step")
+    ap.add_argument("--only-7b", action="store_true", help="run only the 7B QLoRA step")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="activation checkpointing per block for the 7B step (not needed at 1 x 256)")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    out: dict = {"batch": args.batch, "seq": args.seq, "threads": args.threads}
+    runs = [] if args.only_7b else [(m, mode) for m in ("pico", "110m") for mode in ("full", "lora", "qlora")]
+    print(f"one training step, {args.threads} threads, LoRA r=8 on all linear layers but the head; "
+          "memory as peak resident set size in GiB (2^30 bytes)")
+    if runs:
+        print(f"batch {args.batch} x {args.seq} tokens, fp32 compute:")
+    for model_name, mode in runs:
+        r = spawn(dict(model=model_name, mode=mode, dtype="float32", batch=args.batch, seq=args.seq,
+                       threads=args.threads, checkpointing=False))
+        bits = f"  NF4 {r['nf4_bits_per_param']:.4f} bits/param" if r["nf4_bits_per_param"] else ""
+        print(f"{model_name:5s} {mode:5s}: peak RSS {r['peak_rss_gb']:6.3f} GiB (after import torch "
+              f"{r['torch_import_rss_gb']:.3f}, after build {r['after_build_rss_gb']:.3f}), "
+              f"trainable {r['trainable_m']:7.2f}M, step {r['step_s']:5.1f}s{bits}")
+        out[f"{model_name}_{mode}_peak_rss_gb"] = round(r["peak_rss_gb"], 3)
+        if r["nf4_bits_per_param"]:
+            out[f"{model_name}_nf4_bits_per_param"] = round(r["nf4_bits_per_param"], 4)
+    out["qlora_7b_peak_rss_gb"] = None
+    if not args.no_7b:
+        r = spawn(dict(model="7b", mode="qlora", dtype="bfloat16", batch=1, seq=256,
+                       threads=args.threads, checkpointing=args.checkpointing))
+        print(f"7b    qlora{' +ckpt' if args.checkpointing else ''}: peak RSS {r['peak_rss_gb']:6.3f} GiB (after build {r['after_build_rss_gb']:.3f}; "
+              f"built + quantized in {r['build_s']:.0f}s), one step at 1 x 256 in {r['step_s']:.0f}s, "
+              f"trainable {r['trainable_m']:.1f}M, NF4 {r['nf4_bits_per_param']:.4f} bits/param, "
+              f"loss {r['loss']:.3f}; target <= 8 GiB: {'met' if r['peak_rss_gb'] <= 8 else 'MISSED'}")
+        out.update(qlora_7b_peak_rss_gb=round(r["peak_rss_gb"], 3), qlora_7b_step_s=round(r["step_s"], 1),
+                   qlora_7b_build_s=round(r["build_s"], 1), nf4_7b_bits_per_param=round(r["nf4_bits_per_param"], 4))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Data-quality filters: each takes records and returns (kept, rejected-with-reason).
+
+LIMA and AlpaGasus showed that a few thousand good examples beat many mediocre ones; these
+filters are how one gets there without losing anything: every dropped record is written to a
+rejects file with the reason, so a threshold can be judged by reading what it removed.
+
+A *record* is whatever the input file holds (Alpaca `instruction/input/output`, ShareGPT
+`conversations`, OpenAI `messages`); `prompt_and_response` reads the text a filter looks at
+and the record itself is written back unchanged.
+
+* `exact_dedup`, `near_dedup`: see data/dedup.py (normalised hash; MinHash + LSH).
+* `length_filter`: characters or tokens of prompt and response, and the response/prompt ratio
+  (a one-word answer to a long request is rarely a good example).
+* `perplexity_filter`: the response's perplexity under a model, exp(CE summed over the
+  response tokens / their count), with the prompt as context. Very low perplexity flags
+  boilerplate and repetition, very high flags noise; we drop chosen quantiles of both tails.
+  The CE comes from model/loss.py `masked_ce_sum`, one row at a time on a batched forward.
+* `judge_filter`: a teacher (data/teacher.py) rates each example 1-5 with a reason;
+  `parse_score` finds the score in free text ("Score: 4", "4/5", "**Rating**: 4 - good").
+  An answer with no score is counted as malformed and the record is rejected, not the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from data.dedup import exact_duplicates, near_duplicates
+from model.errors import SFTError
+
+Rejects = list[tuple[dict, str]]
+
+
+def prompt_and_response(record: dict) -> tuple[str, str]:
+    """(prompt text, response text) of an Alpaca, ShareGPT or OpenAI-messages record."""
+    if "instruction" in record:
+        prompt = record["instruction"] + ("\n\n" + record["input"] if record.get("input") else "")
+        return prompt, record.get("output", "")
+    turns = record.get("messages") or record.get("conversations")
+    if not isinstance(turns, list):
+        raise SFTError(f"record has none of instruction/messages/conversations: keys {sorted(record)}")
+    role = lambda t: t.get("role") or {"human": "user", "gpt": "assistant"}.get(t.get("from"), t.get("from"))  # noqa: E731
+    text = lambda t: t.get("content") or t.get("value") or ""  # noqa: E731
+    prompt = "\n".join(text(t) for t in turns if role(t) != "assistant")
+    return prompt, "\n".join(text(t) for t in turns if role(t) == "assistant")
+
+
+def record_messages(record: dict) -> list[dict]:
+    """The record as a chat: [{"role": "user", ...}, {"role": "assistant", ...}]."""
+    prompt, response = prompt_and_response(record)
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+# ------------------------------------------------------------------------------ dedup
+
+def exact_dedup(records: list[dict]) -> tuple[list[dict], Rejects]:
+    dup = exact_duplicates(["\n".join(prompt_and_response(r)) for r in records])
+    kept = [r for r, d in zip(records, dup) if d is None]
+    return kept, [(r, f"exact duplicate of record {d}") for r, d in zip(records, dup) if d is not None]
+
+
+def near_dedup(records: list[dict], threshold: float = 0.7, num_perm: int = 128, ngram: int = 3,
+               keep: str = "first") -> tuple[list[dict], Rejects]:
+    """keep='first' or 'longest' (the longest response of each cluster)."""
+    if keep not in ("first", "longest"):
+        raise SFTError(f"near_dedup: keep must be 'first' or 'longest', got {keep!r}")
+    texts = ["\n".join(prompt_and_response(r)) for r in records]
+    scores = [len(prompt_and_response(r)[1]) for r in records] if keep == "longest" else None
+    res = near_duplicates(texts, threshold, num_perm, ngram, scores=scores)
+    kept = [r for r, d in zip(records, res) if d is None]
+    rejects = [(r, f"near duplicate of record {d[0]} (estimated Jaccard {d[1]:.2f})")
+               for r, d in zip(records, res) if d is not None]
+    return kept, rejects
+
+
+# ----------------------------------------------------------------------------- length
+
+def length_filter(records: list[dict], min_prompt_chars: int = 0, max_prompt_chars: int = 10**9,
+                  min_response_chars: int = 1, max_response_chars: int = 10**9,
+                  max_total_tokens: int | None = None, tokenizer=None,
+                  min_ratio: float = 0.0, max_ratio: float = math.inf) -> tuple[list[dict], Rejects]:
+    """Bounds on characters, total tokens (needs `tokenizer`) and response/prompt char ratio."""
+    kept, rejects = [], []
+    for r in records:
+        p, a = prompt_and_response(r)
+        ratio = len(a) / max(len(p), 1)
+        reason = None
+        if not min_prompt_chars <= len(p) <= max_prompt_chars:
+            reason = f"prompt has {len(p)} chars, outside [{min_prompt_chars}, {max_prompt_chars}]"
+        elif not min_response_chars <= len(a) <= max_response_chars:
+            reason = f"response has {len(a)} chars, outside [{min_response_chars}, {max_response_chars}]"
+        elif not min_ratio <= ratio <= max_ratio:
+            reason = f"response/prompt ratio {ratio:.2f} outside [{min_ratio}, {max_ratio}]"
+        elif max_total_tokens is not None:
+            n = len(tokenizer.encode(p + "\n" + a))
+            if n > max_total_tokens:
+                reason = f"{n} tokens > max_total_tokens {max_total_tokens}"
+        if reason:
+            rejects.append((r, reason))
+        else:
+            kept.append(r)
+    return kept, rejects
+
+
+# ------------------------------------------------------------------------- perplexity
+
+def response_perplexities(records: list[dict], model, tokenizer, template: str = "alpaca",
+                          batch_size: int = 8, max_len: int | None = None) -> list[float]:
+    """Perplexity of each record's response given its prompt (nan when nothing is scorable)."""
+    import torch
+
+    from data.masking import tokenize_conversation
+    from model.loss import masked_ce_sum
+    max_len = max_len or model.config.max_position_embeddings
+    samples = [_tokenize_or_none(tokenize_conversation, tokenizer, template, r, max_len) for r in records]
+    # batch samples of similar length together so little compute goes to padding
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]) if samples[i] else 0)
+    out: list[float] = [math.nan] * len(samples)
+    for s in range(0, len(order), batch_size):
+        chunk = [samples[i] for i in order[s : s + batch_size]]
+        width = max(len(x["input_ids"]) if x else 1 for x in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)            # (B, T), right-padded
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)  # pad positions ignored
+        for i, x in enumerate(chunk):
+            if x:
+                ids[i, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
+                labels[i, : len(x["labels"])] = torch.tensor(x["labels"])
+        device = model.embed_tokens.weight.device
+        ids, labels = ids.to(device), labels.to(device)
+        with torch.no_grad():
+            hidden = model(ids, return_hidden=True)                       # (B, T, D)
+            for i, idx in enumerate(order[s : s + batch_size]):
+                total, n = masked_ce_sum(model, hidden[i : i + 1], labels[i : i + 1])
+                out[idx] = math.exp(total.item() / n) if n else math.nan
+    return out
+
+
+def _tokenize_or_none(tokenize_conversation, tokenizer, template, record, max_len):
+    try:
+        return tokenize_conversation(tokenizer, template, record_messages(record), max_len=max_len)
+    except SFTError:  # e.g. an empty message: scored as nan, rejected with a reason
+        return None
+
+
+def perplexity_filter(records: list[dict], model, tokenizer, template: str = "alpaca",
+                      drop_low: float = 0.0, drop_high: float = 0.1, batch_size: int = 8,
+                      max_len: int | None = None) -> tuple[list[dict], Rejects]:
+    """Drop the `drop_low` lowest and `drop_high` highest quantiles of response perplexity."""
+    import numpy as np
+    ppl = response_perplexities(records, model, tokenizer, template, batch_size, max_len)
+    finite = np.array([p for p in ppl if not math.isnan(p)])
+    lo = float(np.quantile(finite, drop_low)) if finite.size and drop_low > 0 else -math.inf
+    hi = float(np.quantile(finite, 1 - drop_high)) if finite.size and drop_high > 0 else math.inf
+    kept, rejects = [], []
+    for r, p in zip(records, ppl):
+        if math.isnan(p):
+            rejects.append((r, "no response tokens to score (empty or truncated)"))
+        elif p < lo:
+            rejects.append((r, f"perplexity {p:.2f} below the {drop_low:.0%} quantile {lo:.2f}"))
+        elif p > hi:
+            rejects.append((r, f"perplexity {p:.2f} above the {1 - drop_high:.0%} quantile {hi:.2f}"))
+        else:
+            kept.append(r)
+    return kept, rejects
+
+
+# ------------------------------------------------------------------------------ judge
+
+JUDGE_PROMPT = (
+    "Rate the quality of the assistant's response to the instruction on a scale of 1 to 5 "
+    "(1 = useless or wrong, 3 = acceptable, 5 = excellent: correct, helpful, well written).\n\n"
+    "Instruction:\n{prompt}\n\nResponse:\n{response}\n\n"
+    "Answer in the form:\nScore: <1-5>\nReason: <one short sentence>"
+)
+_SCORE_PATTERNS = [
+    r"(?:score|rating|grade)\W{0,4}(?:is\W{0,3})?([1-5](?:\.\d+)?)(?!\d)",
+    r"(?<![\d.])([1-5](?:\.\d+)?)\s*(?:/|out of)\s*5\b",
+    r"^\W*([1-5])(?:\.\d+)?\W*$",
+]
+
+
+def parse_score(text: str) -> tuple[float | None, str]:
+    """(score in [1, 5] or None, reason) from a judge's free-text answer."""
+    score = None
+    for pattern in _SCORE_PATTERNS:
+        m = re.search(pattern, text, flags=re.IGNORECASE | re.MULTILINE)
+        if m:
+            score = float(m.group(1))
+            break
+    reason = re.search(r"reason\W{0,3}(.*)", text, flags=re.IGNORECASE)
+    return score, (reason.group(1).strip() if reason else text.strip()[:200])
+
+
+def judge_records(records: list[dict], teacher, max_tokens: int = 96, batch_size: int = 8) -> list[tuple[float | None, str]]:
+    """The judge's (score, reason) for each record."""
+    out = []
+    for s in range(0, len(records), batch_size):
+        chats = []
+        for r in records[s : s + batch_size]:
+            p, a = prompt_and_response(r)
+            chats.append([{"role": "user", "content": JUDGE_PROMPT.format(prompt=p, response=a)}])
+        out += [parse_score(t) for t in teacher.complete_many(chats, max_tokens=max_tokens, temperature=0.0)]
+    return out
+
+
+def judge_filter(records: list[dict], teacher, min_score: float = 3.0,
+                 max_tokens: int = 96) -> tuple[list[dict], Rejects]:
+    """Keep records the judge scores >= min_score; unparseable answers are rejected as malformed."""
+    kept, rejects = [], []
+    for r, (score, reason) in zip(records, judge_records(records, teacher, max_tokens)):
+        if score is None:
+            rejects.append((r, f"judge answer malformed (no 1-5 score): {reason[:120]!r}"))
+        elif score < min_score:
+            rejects.append((r, f"judge score {score:g} < {min_score:g}: {reason[:160]}"))
+        else:
+            kept.append(r)
+    return kept, rejects
+
+
+# ------------------------------------------------------------------------------- I/O
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a JSON array or JSONL file, unchanged."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SFTError(f"{path}:{n}: invalid JSON ({e.msg}); fix or remove the line") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise SFTError(f"{path}: every record must be a JSON object")
+    return rows
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
+    """Write rows as JSONL through a temp file in the same folder, then rename (never half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_filter_output(folder: str | Path, name: str, kept: list[dict], rejects: Rejects) -> None:
+    """`{name}.kept.jsonl` and `{name}.rejects.jsonl` ({"reason", "record"} per line)."""
+    folder = Path(folder)
+    write_jsonl_atomic(folder / f"{name}.kept.jsonl", kept)
+    write_jsonl_atomic(folder / f"{name}.rejects.jsonl", [{"reason": why, "record": r} for r, why in rejects])

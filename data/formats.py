@@ -1,0 +1,246 @@
+"""Dataset files -> conversations: one shape for every format.
+
+Every instruction dataset ends up as a *conversation*: a list of messages
+`{"role": "system"|"user"|"assistant", "content": str}` -- an optional system message, then user
+and assistant alternating, user first, assistant last. The templates (data/templates.py) and the
+masking only ever see that shape, so adding a format never touches them.
+
+Formats read (JSON list, or JSONL with one record per line):
+- alpaca:  {"instruction", "input", "output"} (+ optional "system", "history": [[q, a], ...]);
+           the user turn is the instruction, then a blank line and the input when there is one.
+           Stanford's seed tasks ({"instruction", "instances": [{"input", "output"}, ...]}) are read
+           the same way from their first instance (the others are extra examples of the same task).
+- sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}; user/assistant too.
+- openai:  {"messages": [{"role", "content"}, ...]}.
+- oasst:   OpenAssistant message trees, nested (`*.trees.jsonl`: {"prompt": message with "replies"})
+           or flat (one message per record linked by "parent_id"). A tree holds many conversations:
+           by default we follow the best-ranked reply at each step (rank 0 first; messages not yet
+           ranked come after ranked ones, in file order), or, with paths="all", every root-to-leaf
+           path. Deleted messages and messages whose review failed or is missing are dropped
+           (`keep_unreviewed=True` keeps the missing ones), and `lang="en"` keeps one language.
+           A path is cut after its last assistant reply; a path with none gives no conversation.
+
+Errors are raised where the bad record enters and name the file and the line (JSONL) or the
+record index (JSON list): `data.jsonl line 17: ...`. `format="auto"` looks at the first record;
+pass the format name to override it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.templates import validate_messages
+from model.errors import SFTError
+
+FORMATS = ("alpaca", "sharegpt", "openai", "oasst")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system"}
+
+
+def read_records(path: str | Path) -> list[tuple[str, dict]]:
+    """[(where, record)] from a JSON list or a JSONL file; `where` names the file and line/index."""
+    path = Path(path)
+    if not path.is_file():
+        raise SFTError(f"{path}: no such data file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SFTError(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from None
+        records = [(f"{path} record {i}", r) for i, r in enumerate(data)]
+    else:
+        records = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path} line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise SFTError(f"{path} line {lineno}: invalid JSON: {e.msg} (one JSON object per line)") from None
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise SFTError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    return records
+
+
+def detect_format(record: dict, where: str = "record") -> str:
+    """The format of one record, from its keys."""
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "openai"
+    if "instruction" in record and ("output" in record or "instances" in record):
+        return "alpaca"
+    if ("message_tree_id" in record and "prompt" in record) or "replies" in record or "parent_id" in record:
+        return "oasst"
+    raise SFTError(f"{where}: cannot tell the format from keys {sorted(record)[:8]}; "
+                   f"pass format= one of {', '.join(FORMATS)}")
+
+
+def _str(record: dict, key: str, where: str, default: str | None = None) -> str:
+    value = record.get(key, default)
+    if not isinstance(value, str):
+        raise SFTError(f"{where}: key {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def from_alpaca(record: dict, where: str) -> list[dict]:
+    if "instances" in record and "output" not in record:  # Stanford seed task
+        inst = record["instances"]
+        if not isinstance(inst, list) or not inst or not isinstance(inst[0], dict):
+            raise SFTError(f"{where}: 'instances' must be a non-empty list of {{input, output}}")
+        record = {"instruction": record["instruction"], **inst[0]}
+    user = _str(record, "instruction", where)
+    extra = _str(record, "input", where, "") if record.get("input") is not None else ""  # null == ""
+    if extra.strip():
+        user = user + "\n\n" + extra
+    messages = []
+    if record.get("system"):
+        messages.append({"role": "system", "content": _str(record, "system", where)})
+    for pair in record.get("history") or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise SFTError(f"{where}: 'history' must be a list of [question, answer] string pairs")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return messages + [{"role": "user", "content": user},
+                       {"role": "assistant", "content": _str(record, "output", where)}]
+
+
+def from_sharegpt(record: dict, where: str) -> list[dict]:
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise SFTError(f"{where}: 'conversations' must be a list")
+    messages = []
+    for i, t in enumerate(turns):
+        who = t.get("from", t.get("role")) if isinstance(t, dict) else None
+        role = SHAREGPT_ROLES.get(str(who).lower())
+        if role is None:
+            raise SFTError(f"{where}: turn {i} has speaker {who!r}; known: {', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": _str(t, "value" if "value" in t else "content", f"{where} turn {i}")})
+    if record.get("system") and (not messages or messages[0]["role"] != "system"):
+        messages.insert(0, {"role": "system", "content": _str(record, "system", where)})
+    return messages
+
+
+def from_openai(record: dict, where: str) -> list[dict]:
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        raise SFTError(f"{where}: 'messages' must be a list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise SFTError(f"{where}: message {i} needs role system/user/assistant, got {m!r:.80}")
+        out.append({"role": m["role"], "content": _str(m, "content", f"{where} message {i}")})
+    return out
+
+
+# ---- OpenAssistant trees ----
+
+def _usable(msg: dict, lang, keep_unreviewed: bool) -> bool:
+    if msg.get("deleted"):
+        return False
+    review = msg.get("review_result")
+    if not (review or (review is None and keep_unreviewed)):
+        return False
+    return lang is None or msg.get("lang") in lang
+
+
+def _children(msg: dict, lang, keep_unreviewed: bool) -> list[dict]:
+    """Usable replies, best first: rank 0, 1, ...; unranked (rank None) after, in file order."""
+    kids = [c for c in msg.get("replies") or [] if _usable(c, lang, keep_unreviewed)]
+    return sorted(kids, key=lambda c: (c.get("rank") is None, c.get("rank") or 0))
+
+
+def _paths(msg: dict, best_only: bool, lang, keep_unreviewed: bool) -> list[list[dict]]:
+    kids = _children(msg, lang, keep_unreviewed)
+    if not kids:
+        return [[msg]]
+    return [[msg] + p for k in (kids[:1] if best_only else kids) for p in _paths(k, best_only, lang, keep_unreviewed)]
+
+
+def _path_to_conversation(path: list[dict], where: str) -> list[dict] | None:
+    roles = {"prompter": "user", "assistant": "assistant"}
+    messages = []
+    for m in path:
+        if m.get("role") not in roles or not isinstance(m.get("text"), str):
+            raise SFTError(f"{where}: message {m.get('message_id')} needs role prompter/assistant and a text")
+        messages.append({"role": roles[m["role"]], "content": m["text"]})
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+    return messages or None
+
+
+def from_oasst_tree(root: dict, where: str, paths: str = "best", lang=None,
+                    keep_unreviewed: bool = False) -> list[list[dict]]:
+    """Conversations of one message tree (root = the prompt message with nested 'replies')."""
+    if not _usable(root, lang, keep_unreviewed):
+        return []
+    found = _paths(root, paths == "best", lang, keep_unreviewed)
+    return [c for c in (_path_to_conversation(p, where) for p in found) if c]
+
+
+def _nest_flat_messages(records: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Flat OASST messages (parent_id links) -> nested roots, keeping file order among siblings."""
+    by_id, roots = {}, []
+    for where, r in records:
+        if "message_id" not in r:
+            raise SFTError(f"{where}: an OpenAssistant message needs 'message_id' and 'parent_id'")
+        by_id[r["message_id"]] = (where, dict(r, replies=[]))
+    for where, msg in by_id.values():
+        parent = msg.get("parent_id")
+        if parent is None:
+            roots.append((where, msg))
+        elif parent in by_id:
+            by_id[parent][1]["replies"].append(msg)
+        else:
+            raise SFTError(f"{where}: parent_id {parent!r} is not a message in this file")
+    return roots
+
+
+def load_conversations(path: str | Path, format: str = "auto", *, paths: str = "best", lang=None,
+                       keep_unreviewed: bool = False, skip_invalid: bool = False) -> list[list[dict]]:
+    """Read a dataset file into conversations (lists of {"role", "content"} dicts).
+
+    format: "auto" or one of alpaca/sharegpt/openai/oasst. OASST options: paths="best"|"all",
+    lang (a code or a list of codes), keep_unreviewed. skip_invalid=True drops records whose
+    conversation is malformed (roles out of order, no assistant reply) instead of raising.
+    """
+    records = read_records(path)
+    if not records:
+        return []
+    if format == "auto":
+        format = detect_format(records[0][1], records[0][0])
+    if format not in FORMATS:
+        raise SFTError(f"{path}: unknown format {format!r}; known: auto, {', '.join(FORMATS)}")
+    if isinstance(lang, str):
+        lang = [lang]
+    if paths not in ("best", "all"):
+        raise SFTError(f"paths must be 'best' or 'all', got {paths!r}")
+    if format == "oasst":
+        nested = all("prompt" in r or "replies" in r for _, r in records)
+        roots = [(w, r.get("prompt", r)) for w, r in records] if nested else _nest_flat_messages(records)
+        convs = [(w, c) for w, root in roots for c in from_oasst_tree(root, w, paths, lang, keep_unreviewed)]
+        for w, c in convs:
+            validate_messages(c, w)
+        return [c for _, c in convs]
+    convert = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "openai": from_openai}[format]
+    out = []
+    for where, r in records:
+        try:
+            messages = convert(r, where)
+            while messages and messages[-1]["role"] != "assistant":  # a trailing question has no answer
+                messages.pop()
+            if not any(m["role"] == "assistant" for m in messages):
+                raise SFTError(f"{where}: the conversation has no assistant reply to train on")
+            validate_messages(messages, where)
+        except KeyError as e:
+            if skip_invalid:
+                continue
+            raise SFTError(f"{where}: missing key {e.args[0]!r} for format {format}") from None
+        except SFTError:
+            if skip_invalid:
+                continue
+            raise
+        out.append(messages)
+    return out

@@ -1,0 +1,310 @@
+"""LoRA: train a low-rank update next to each frozen weight, and save it in PEFT's layout.
+
+The idea
+--------
+Fine-tuning changes a pretrained weight W (out, in) by some dW. LoRA bets that dW has low rank
+and writes it as dW = B @ A with A (r, in) and B (out, r), r << in, out. The layer computes
+
+    y = x W^T + scaling * (dropout(x) A^T) B^T,      scaling = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+W stays frozen; only A and B train: r * (in + out) numbers instead of in * out (for a 4096 x 4096
+projection at r = 8: 65k instead of 16.8M, 0.4%). The optimizer state shrinks by the same factor,
+and the frozen W needs no gradient of its own, only the gradient that flows through it to x.
+
+Initialisation makes the first step start exactly at the pretrained model: B = 0, so dW = 0,
+while A gets PEFT's (and nn.Linear's) Kaiming-uniform init with a = sqrt(5), so B's gradient
+(which is proportional to A x) is not zero either. alpha / r keeps the update's size roughly
+independent of r when you change r; rsLoRA's alpha / sqrt(r) keeps it stable for large r.
+
+After training, B @ A * scaling can be *merged* into W, giving a plain nn.Linear that costs
+nothing extra at inference; `unmerge` subtracts it again. With QLoRA the frozen W is a 4-bit
+`model.nf4.Linear4bit`: merging dequantizes it (rounding the sum back to 4 bits would throw the
+update away) and yields a full-precision nn.Linear, one layer at a time.
+
+The adapter on disk is PEFT's: `adapter_config.json` and `adapter_model.safetensors` whose tensor
+names are the Hugging Face module names under the "base_model.model." prefix, e.g.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A: (r, in), B: (out, r)), with
+no adapter name in the key. Our module tree is HF's minus the leading "model.", and our LoRA
+layer names its parts base_layer / lora_A / lora_B like PEFT, so a name maps by a prefix.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.errors import SFTError
+from model.nf4 import Linear4bit
+from model.safetensors import load_file, save_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """base_layer(x) + scaling * lora_B(lora_A(dropout(x))); base_layer is nn.Linear or Linear4bit."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if r <= 0:
+            raise SFTError(f"LoRA rank r must be a positive integer, got {r}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = _device_of(base_layer)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+        self._quantized: list[Linear4bit] = []  # the 4-bit base while merged (not a submodule)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        # the adapter runs in its own dtype (fp32 by default, as PEFT), the sum in the base's
+        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        return (result + self.lora_B(self.lora_A(h)) * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A, (out, in) in fp32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (a 4-bit base becomes a dequantized nn.Linear)."""
+        if self.merged:
+            return
+        if isinstance(self.base_layer, Linear4bit):
+            self._quantized = [self.base_layer]
+            self.base_layer = self.base_layer.to_linear(self.base_layer.compute_dtype)
+            self.base_layer.weight.requires_grad_(False)
+        w = self.base_layer.weight
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge` (a 4-bit base gets its original codes back, untouched)."""
+        if not self.merged:
+            return
+        if self._quantized:
+            self.base_layer, self._quantized = self._quantized[0], []
+        else:
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    t = next(module.parameters(), None)
+    if t is None:
+        t = next(module.buffers())
+    return t.device
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or isinstance(module, Linear4bit)
+
+
+def hf_name(name: str) -> str:
+    """Our module name -> HF's: everything but lm_head lives under "model."."""
+    return name if name.split(".")[0] == "lm_head" else "model." + name
+
+
+def _matches(name: str, targets) -> bool:
+    """PEFT's rule: a string is a regex over the full module name ("all-linear": every linear
+    except the head); a list matches a name equal to an entry or ending in "." + entry."""
+    if targets == "all-linear" or list(targets) == ["all-linear"]:     # a config may give a list
+        return name.split(".")[-1] != "lm_head"
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None or re.fullmatch(targets, hf_name(name)) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets=("q_proj", "v_proj"), use_rslora: bool = False,
+               train_embeddings: bool = False, train_head: bool = False,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Wrap every targeted linear in a LoRALinear (in place) and freeze everything else.
+
+    targets: module names such as ("q_proj", "v_proj"), "all-linear", or a regex string.
+    train_embeddings / train_head also train embed_tokens / lm_head in full (PEFT's
+    modules_to_save). LoRA weights are created in `dtype` (fp32 by default, like PEFT).
+    """
+    if lora_layers(model):
+        raise SFTError("apply_lora: the model already has LoRA layers (merge_lora first, or "
+                       "load_adapter into the same model)")
+    modules = dict(model.named_modules())
+    chosen = [n for n, m in modules.items() if _is_linear(m) and _matches(n, targets)]
+    if not chosen:
+        names = sorted({n.split(".")[-1] for n, m in modules.items() if _is_linear(m)})
+        raise SFTError(f"apply_lora: targets {targets!r} match no linear layer; this model has {names}")
+    for name in chosen:
+        parent, _, child = name.rpartition(".")
+        holder = modules[parent] if parent else model
+        setattr(holder, child, LoRALinear(modules[name], r, alpha, dropout, use_rslora, dtype))
+    model.lora_config = {
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
+        "target_modules": sorted({n.split(".")[-1] for n in chosen}),
+        "modules_to_save": [m for m, on in (("embed_tokens", train_embeddings), ("lm_head", train_head)) if on] or None,
+    }
+    mark_only_lora_trainable(model, train_embeddings, train_head)
+    return model
+
+
+def mark_only_lora_trainable(model: nn.Module, train_embeddings: bool = False, train_head: bool = False) -> None:
+    """requires_grad only for lora_A / lora_B (and optionally the embedding / head weights)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        leaf = name.split(".")
+        if "lora_A" in leaf or "lora_B" in leaf:
+            p.requires_grad_(True)
+    if train_embeddings and hasattr(model, "embed_tokens"):
+        model.embed_tokens.weight.requires_grad_(True)
+    if train_head and hasattr(model, "lm_head"):   # a tied head shares the embedding's tensor
+        model.lm_head.weight.requires_grad_(True)
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything the adapter file holds, under PEFT's names."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        for part in ("lora_A", "lora_B"):
+            out[f"{PEFT_PREFIX}{hf_name(name)}.{part}.weight"] = getattr(layer, part).weight.detach()
+    for mod in model.lora_config.get("modules_to_save") or []:
+        out[f"{PEFT_PREFIX}{hf_name(mod)}.weight"] = getattr(model, mod).weight.detach()
+    return out
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT layout); atomic folder swap."""
+    if not lora_layers(model) or not hasattr(model, "lora_config"):
+        raise SFTError("save_adapter: the model has no LoRA layers (call apply_lora first)")
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise SFTError("save_adapter: LoRA layers are merged; unmerge them before saving the adapter")
+    cfg = model.lora_config
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
+        "lora_dropout": cfg["lora_dropout"], "use_rslora": cfg["use_rslora"],
+        "target_modules": cfg["target_modules"], "modules_to_save": cfg["modules_to_save"],
+        "base_model_name_or_path": base_model_name_or_path, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "use_dora": False,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: t.contiguous() for k, t in _adapter_tensors(model).items()}, tmp / ADAPTER_WEIGHTS)
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict:
+    """adapter_config.json, checked for the LoRA features we implement."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.exists():
+        raise SFTError(f"{path}: missing (is {folder} a PEFT/LoRA adapter folder?)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SFTError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise SFTError(f"{path}: missing key {key!r}")
+    unsupported = {"peft_type": cfg.get("peft_type", "LORA") != "LORA", "use_dora": bool(cfg.get("use_dora")),
+                   "bias": cfg.get("bias", "none") != "none", "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+                   "rank_pattern": bool(cfg.get("rank_pattern")), "alpha_pattern": bool(cfg.get("alpha_pattern")),
+                   "layers_to_transform": cfg.get("layers_to_transform") is not None}
+    bad = [k for k, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise SFTError(f"{path}: {', '.join(f'{k}={cfg.get(k)!r}' for k in bad)} is not supported "
+                       "(plain LoRA only: peft_type LORA, bias none, one rank and alpha for all layers)")
+    return cfg
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Apply the LoRA described by `folder` (PEFT's or ours) to `model` and load its weights."""
+    folder = Path(folder)
+    cfg = read_adapter_config(folder)
+    weights_path = folder / ADAPTER_WEIGHTS
+    if not weights_path.exists():
+        raise SFTError(f"{weights_path}: missing (only safetensors adapters are read; re-save with "
+                       "PEFT's save_pretrained(safe_serialization=True))")
+    targets = cfg["target_modules"]
+    to_save = cfg.get("modules_to_save") or []
+    if not lora_layers(model):
+        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                   targets=targets if isinstance(targets, str) else tuple(targets),
+                   use_rslora=bool(cfg.get("use_rslora")), train_embeddings="embed_tokens" in to_save,
+                   train_head="lm_head" in to_save)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = {f"{PEFT_PREFIX}{hf_name(n)}": n for n in params
+                if ".lora_A." in n or ".lora_B." in n or n.split(".")[0] in to_save}
+    tensors = load_file(weights_path)
+    loaded: set[int] = set()          # ids of filled tensors: a tied head and embedding are one
+    for key, t in tensors.items():
+        key = re.sub(r"\.(lora_[AB])\.default\.", r".\1.", key)          # older PEFT kept the adapter name
+        if key not in expected:
+            raise SFTError(f"{weights_path}: tensor {key!r} has no place in this model "
+                           f"(adapter made for another architecture or target_modules?)")
+        p = params[expected.pop(key)]
+        if p.shape != t.shape:
+            raise SFTError(f"{weights_path}: tensor {key!r} has shape {tuple(t.shape)}, the model "
+                           f"expects {tuple(p.shape)} (different base model or rank?)")
+        with torch.no_grad():
+            p.copy_(t)
+        loaded.add(id(p))
+    missing = [k for k, n in expected.items() if id(params[n]) not in loaded]
+    if missing:
+        raise SFTError(f"{weights_path}: missing {len(missing)} adapter tensors, e.g. {missing[0]!r}")
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear holding W + scaling * B @ A (in place).
+
+    A 4-bit base is dequantized layer by layer into its compute dtype, so the peak is the merged
+    model plus one layer. Save the result with model.save_pretrained for a full HF checkpoint.
+    """
+    modules = dict(model.named_modules())
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        merged = layer.base_layer
+        merged.weight.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, merged)
+        layer._quantized = []      # drop the 4-bit copy now, not after the whole model
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model

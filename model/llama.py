@@ -1,0 +1,494 @@
+"""A Llama-family decoder-only transformer, written to be read top to bottom.
+
+Data flow for a batch of token ids `x` of shape (B, T):
+
+    embed_tokens          (B, T) -> (B, T, D)
+    N x DecoderLayer:     h = h + Attention(RMSNorm(h));  h = h + SwiGLU(RMSNorm(h))
+    norm (RMSNorm)        (B, T, D)
+    lm_head (Linear)      (B, T, D) -> (B, T, V) logits
+
+The pieces, and the detail each one must get exactly right to match Hugging Face weights:
+
+* RMSNorm: y = w * x / sqrt(mean(x^2) + eps). No mean subtraction, no bias. The statistics are
+  taken in fp32 even when the model runs in bf16 (a bf16 mean of squares loses the small values),
+  and the result is cast back *before* the multiplication by the weight, as HF does.
+* RoPE (rotary position embedding): each query/key vector is rotated by an angle that grows with
+  its position p, so q·k depends only on the distance between positions. Pair i of the head
+  dimension rotates with frequency inv_freq[i] = theta^(-2i/d). HF stores the two halves of a pair
+  not interleaved (x[i], x[i+1]) but split: (x[i], x[i + d/2]). The rotation then reads
+      rotate(x) = x * cos + rotate_half(x) * sin,   rotate_half([a, b]) = [-b, a]
+  with cos/sin = cos/sin(p * [inv_freq, inv_freq]). Using the interleaved convention on HF weights
+  silently gives a worse model, not an error. Positions come from `position_ids`, so a packed row
+  of several samples restarts at 0 for each sample.
+* Grouped-query attention (GQA): there are fewer key/value heads than query heads; each K/V head
+  is shared by `n_heads // n_kv_heads` consecutive query heads. `F.scaled_dot_product_attention`
+  (a fused kernel) does the sharing itself with `enable_gqa=True`, without repeated K/V copies.
+* SwiGLU MLP: down(silu(gate(x)) * up(x)).
+
+Memory for training: RMSNorm and SwiGLU are small autograd Functions that keep only their
+inputs for backward and recompute the cheap elementwise rest, one activation tensor less per
+norm and per MLP than the op-by-op graph (same forward arithmetic, same results).
+
+Masks: with no `seq_ids` the plain causal mask is used (`is_causal=True`, the fast path). With
+`seq_ids` (B, T) a token attends only to earlier tokens *with the same id*: a block-diagonal causal
+mask, so samples packed into one row never see each other.
+
+Generation keeps a KV cache: the keys and values of every position already processed, stored in
+a buffer preallocated for the whole generation. Each new token then costs one forward over a
+single position instead of re-running the whole sequence. Prompts of different lengths are left
+padded; padding keys are masked out and each row gets its own positions, so a batched result is
+the same as generating for each prompt alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.errors import SFTError
+
+
+ROPE_SCALING_KEYS = {"linear": ["factor"],
+                     "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                "original_max_position_embeddings"]}
+
+
+@dataclass
+class Config:
+    """The shape of a model, named as in HF `config.json`; 0 for kv heads / head_dim = derive."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 0  # 0 -> same as num_attention_heads
+    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise SFTError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                           f"num_key_value_heads={self.num_key_value_heads}")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
+        """Read a Hugging Face `config.json` dict; a missing or unsupported key names `source`."""
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in hf:
+                raise SFTError(f"{source}: missing key {key!r} (is this a Llama config.json?)")
+            if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] <= 0:
+                raise SFTError(f"{source}: {key} must be a positive integer, got {hf[key]!r}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise SFTError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu' is supported")
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise SFTError(f"{source}: {key}=true is not supported")
+        # transformers >= 5 writes rope_parameters {"rope_theta", "rope_type", ...} instead of
+        # top-level rope_theta / rope_scaling: accept both.
+        rp = hf.get("rope_parameters") or {}
+        theta = hf.get("rope_theta", rp.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling")
+        if scaling is None and rp.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
+            if scaling["rope_type"] == "default":
+                scaling = None
+            elif scaling["rope_type"] not in ROPE_SCALING_KEYS:
+                raise SFTError(f"{source}: rope scaling type {scaling['rope_type']!r} is not "
+                               "supported (only 'linear' and 'llama3')")
+            else:
+                missing = [k for k in ROPE_SCALING_KEYS[scaling["rope_type"]] if k not in scaling]
+                if missing:
+                    raise SFTError(f"{source}: {scaling['rope_type']} rope scaling needs {missing}")
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or 0, head_dim=hf.get("head_dim") or 0,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"))
+
+    def to_hf(self) -> dict:
+        """The `config.json` dict transformers expects (legacy `rope_theta` key, read by 4.x and 5.x)."""
+        d = asdict(self)
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                 attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]
+        return d
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = w * (x * r).to(dtype), r = rsqrt(mean(x^2) + eps) per row; keeps only x and r (B, T, 1).
+
+    Left to autograd, the chain of small ops keeps x, x * r and more for backward: an extra
+    (B, T, D) tensor per norm, two per layer. Backward recomputes xhat = x * r instead:
+        g' = g * w (fp32),  dx = r * (g' - xhat * mean(g' * xhat)),  dw = sum over rows of g * xhat
+    (the mean term is the derivative of r through mean(x^2)). Forward ops are HF's, in HF's order.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        xhat = x.float() * r
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (g.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        gw = (g * weight).float()
+        dx = r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw, None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNormFn.apply(x, self.weight, self.eps)
+
+
+def rope_inv_freq(cfg: Config, device=None) -> torch.Tensor:
+    """inv_freq[i] = theta^(-2i/d), (head_dim/2,) fp32, with linear or llama3 rescaling."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s["rope_type"] == "linear":  # positions divided by factor == frequencies divided by factor
+        return inv / s["factor"]
+    # llama3: long wavelengths (low frequencies) are slowed by `factor`, short ones kept, and the
+    # band between is interpolated smoothly (Llama 3.1 "rope_scaling").
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, T, head_dim) for positions (B, T); computed in fp32."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim): HF's split-halves layout
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[a, b] -> [-b, a] on the last axis: the 90-degree turn of every (x[i], x[i+d/2]) pair."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: k[i], v[i] of shape (B, n_kv, max_len, hd).
+
+    `length` positions are filled; `valid` (B, max_len) is False at left padding so that those
+    keys are never attended to.
+    """
+
+    def __init__(self, cfg: Config, batch: int, max_len: int, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv, T, hd) at [length, length+T); return everything filled so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, KV, length+T, hd)
+        rep = self.n_heads // self.n_kv
+        if mask is not None and mask.dtype != q.dtype:  # under autocast q is bf16, h fp32
+            mask = mask.to(q.dtype)
+        # enable_gqa: SDPA reads each K/V head for its `rep` query heads in place, instead of
+        # materialising (and saving for backward) rep-times repeated copies (repeat_kv)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=rep > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(a) * b, keeping only a and b (B, T, F) for backward; autograd would keep silu(a) too.
+
+    With s = sigmoid(a):  d/da = g * b * s * (1 + a * (1 - s)),  d/db = g * a * s.
+    One (B, T, F) tensor per layer less, the largest activations of the block.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, b = ctx.saved_tensors
+        af, gf = a.float(), g.float()
+        s = torch.sigmoid(af)
+        da = gf * b.float() * s * (1 + af * (1 - s))
+        return da.to(a.dtype), (gf * af * s).to(b.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(_SwiGLUFn.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, cache=None, layer=0):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) sequence ids -> (B, 1, T, T) bool: key j visible to query i iff j <= i, same id."""
+    T = seq_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seq_ids.device).tril()
+    return (seq_ids[:, :, None] == seq_ids[:, None, :])[:, None] & causal
+
+
+def cache_mask(cache: KVCache, T: int) -> torch.Tensor:
+    """(B, 1, T, length+T) bool for T new queries: causal, no padding keys, always oneself.
+
+    Allowing the diagonal keeps a padding query from having zero visible keys (softmax of an
+    all -inf row is NaN, and a NaN value vector poisons every row that multiplies it by 0).
+    """
+    end = cache.length + T
+    q_idx = torch.arange(cache.length, end, device=cache.valid.device)[:, None]
+    k_idx = torch.arange(end, device=cache.valid.device)[None, :]
+    return ((k_idx <= q_idx) & cache.valid[:, None, None, :end]) | (k_idx == q_idx)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Transformer(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        for m in self.modules():  # HF's init: N(0, 0.02); a no-op on the meta device
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                seq_ids: torch.Tensor | None = None, return_hidden: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or final-norm hidden states (B, T, D).
+
+        position_ids (B, T): RoPE positions (default 0..T-1, or continuing the cache).
+        seq_ids (B, T): block-diagonal causal attention between tokens with equal ids.
+        cache: a KVCache to read and extend (generation); its own mask replaces seq_ids.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        mask = None  # None -> is_causal=True fast path
+        if cache is not None:
+            mask = cache_mask(cache, T)
+        elif seq_ids is not None:
+            mask = block_causal_mask(seq_ids)
+        h = self.embed_tokens(input_ids)  # (B, T, D)
+        if mask is not None:  # bool -> additive 0/-inf, once per forward (SDPA on CPU is slower with bool masks)
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+        cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config, h.device), h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        h = self.norm(h)
+        return h if return_hidden else self.lm_head(h)
+
+    # ------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate_steps(self, prompts: list[list[int]], max_new_tokens: int = 128,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       stop_ids=None, seed: int | None = None) -> Iterator[list[int | None]]:
+        """Yield, per decoding step, one new token per prompt (None once that row has stopped).
+
+        The stop token itself is reported as None. Ends when every row stopped or after
+        max_new_tokens steps. This is the one decoding loop; `generate` and `stream` consume it.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise SFTError("generate: every prompt needs at least one token (e.g. BOS)")
+        stop = torch.tensor(self.config.eos_ids if stop_ids is None else list(stop_ids),
+                            dtype=torch.long)
+        device = self.embed_tokens.weight.device
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=device).manual_seed(seed)
+        B, P = len(prompts), max(len(p) for p in prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        ids = torch.zeros(B, P, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):  # left padding: every row's last prompt token at P-1
+            ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        pad = torch.arange(P, device=device)[None] < (P - lens)[:, None]  # (B, P)
+        pos = (torch.arange(P, device=device)[None] - (P - lens)[:, None]).clamp(min=0)
+        cache = KVCache(self.config, B, P + max_new_tokens, self.embed_tokens.weight.dtype, device)
+        cache.valid[:, :P] = ~pad
+        stop = stop.to(device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        x, next_pos = ids, lens.clone()
+        for step in range(max_new_tokens):
+            h = self(x, position_ids=pos, cache=cache, return_hidden=True)
+            logits = self.lm_head(h[:, -1]).float()  # (B, V): only the last position matters
+            tok = sample(logits, temperature, top_k, top_p, gen)  # (B,)
+            stopped = torch.isin(tok, stop)
+            yield [None if (d or s) else t for d, s, t in zip(done.tolist(), stopped.tolist(), tok.tolist())]
+            done |= stopped
+            if bool(done.all()):
+                return
+            x, pos, next_pos = tok[:, None], next_pos[:, None], next_pos + 1
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_ids=None,
+                 seed: int | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """Batched generation with a KV cache; returns the new tokens of each prompt (no stop token).
+
+        temperature 0 = greedy (argmax). stop_ids defaults to config.eos_token_id.
+        on_token(row, token_id) is called for every new token as it is produced (streaming).
+        """
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.generate_steps(prompts, max_new_tokens, temperature, top_k, top_p,
+                                        stop_ids, seed):
+            for b, t in enumerate(step):
+                if t is not None:
+                    out[b].append(t)
+                    if on_token is not None:
+                        on_token(b, t)
+        return out
+
+    def stream(self, prompt: list[int], **kwargs) -> Iterator[int]:
+        """Yield the new tokens of a single prompt one at a time (for an interactive chat).
+
+        Takes the keyword arguments of `generate`. To print text, decode the whole reply so far
+        and print the new suffix: SentencePiece drops a piece's leading space when decoded alone.
+        """
+        for step in self.generate_steps([prompt], **kwargs):
+            if step[0] is None:
+                return
+            yield step[0]
+
+    # ------------------------------------------------------------------------- vocabulary
+
+    def resize_token_embeddings(self, new_size: int) -> None:
+        """Grow (or shrink) the vocabulary; new rows of the embedding and of an untied head are
+        the mean of the existing rows, so new tokens start as an "average" token, not noise."""
+        old = self.embed_tokens.weight
+        self.embed_tokens = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
+        _copy_rows_then_mean(self.embed_tokens.weight, old)
+        head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
+        if self.config.tie_word_embeddings:
+            head.weight = self.embed_tokens.weight
+        else:
+            _copy_rows_then_mean(head.weight, self.lm_head.weight)
+        self.lm_head = head
+        self.config.vocab_size = new_size
+
+
+@torch.no_grad()
+def _copy_rows_then_mean(new: torch.Tensor, old: torch.Tensor) -> None:
+    n = min(new.shape[0], old.shape[0])
+    new[:n] = old[:n]
+    new[n:] = old.float().mean(0).to(old.dtype)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V): argmax, or sample after temperature/top-k/top-p.
+
+    top-k keeps the k largest logits; top-p keeps the smallest set of tokens, most likely first,
+    whose probabilities sum to at least p (the most likely token is always kept).
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,188 @@
+"""Data parallelism is an implementation detail: 2 processes must take the step 1 process takes.
+
+Each test trains a tiny random Llama for a few steps twice: once in this process (no process
+group, gradient accumulation over the whole global batch), once as 2 REAL processes started by
+torchrun on 127.0.0.1 with gloo, FSDP2-sharded, each doing half the micro-batches. Micro-batches
+hold different numbers of trainable tokens (packed rows, masked prompts), so any mistake in the
+global normalisation (per-rank or per-micro-batch averaging, FSDP's average over ranks left
+uncompensated) shows up as a different loss. The worker below is the minimal training loop
+built only from training/distributed.py, model/ and training/optim.py; this file is also the
+torchrun entry point (`--worker`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # torchrun starts this file as a script
+    sys.path.insert(0, str(ROOT))
+
+from model.llama import Config, Transformer  # noqa: E402
+from model.loss import masked_ce_sum  # noqa: E402
+from training import distributed as D  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+
+N_ROWS, T, ROWS_PER_STEP, MICRO = 16, 24, 8, 2
+TOL = 1e-5
+
+
+def tiny_model(finetune: str) -> Transformer:
+    torch.manual_seed(0)
+    cfg = Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 tie_word_embeddings=finetune == "full")
+    model = Transformer(cfg)
+    if finetune in ("lora", "qlora"):
+        from lora import apply_lora
+        if finetune == "qlora":  # frozen base in NF4: buffers FSDP leaves whole on every rank
+            from model.nf4 import quantize_model_linears
+            quantize_model_linears(model)
+        apply_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+        with torch.no_grad():  # B starts at 0; make it nonzero so every adapter weight moves
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.05)
+    return model
+
+
+def packed_rows() -> dict[str, torch.Tensor]:
+    """(N_ROWS, T) packed rows of two samples each; prompts and sample starts masked (-100)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 96, (N_ROWS, T), generator=g)
+    labels, pos, seq = ids.clone(), torch.zeros_like(ids), torch.zeros_like(ids)
+    for r in range(N_ROWS):
+        cut = int(torch.randint(4, T - 4, (1,), generator=g))
+        for s, (a, b) in enumerate(((0, cut), (cut, T))):
+            seq[r, a:b], pos[r, a:b] = s, torch.arange(b - a)
+            prompt = int(torch.randint(1, b - a, (1,), generator=g))  # varies tokens per row
+            labels[r, a:a + prompt] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_ids": seq}
+
+
+def run(spec: dict) -> dict:
+    """The minimal loop: spec = finetune, steps, start, resume (file), save_at, out, ckpt."""
+    info = D.init_distributed("cpu")
+    model = tiny_model(spec["finetune"])
+    if spec.get("resume"):
+        state = torch.load(spec["resume"], weights_only=False)
+        model.load_state_dict(state["model"], strict=spec["finetune"] == "full")  # LoRA: adapters
+    D.shard_model(model, mixed_precision=False,
+                  activation_checkpointing=spec.get("activation_checkpointing", False))
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    if spec.get("resume"):
+        D.load_optimizer_state(model, opt, state["optimizer"])
+    data, losses, norms = packed_rows(), [], []
+    for step in range(spec.get("start", 0), spec["steps"]):
+        rows = D.step_rows(N_ROWS, step, ROWS_PER_STEP, seed=3)
+        micro = D.rank_micro_batches(rows, MICRO, info.rank, info.world_size)
+        n_local = sum(int((data["labels"][mb, 1:] != -100).sum()) for mb in micro)
+        n_global = D.global_token_count(n_local)
+        loss_sum = 0.0
+        for mb in micro:
+            hidden = model(data["input_ids"][mb], position_ids=data["position_ids"][mb],
+                           seq_ids=data["seq_ids"][mb], return_hidden=True)
+            s, _ = masked_ce_sum(model, hidden, data["labels"][mb], chunk_size=16)
+            (s * D.loss_scale(n_global)).backward()
+            loss_sum += s.item()
+        norms.append(D.clip_grad_norm(model.parameters(), 0.5))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(D.all_reduce_sum(loss_sum) / n_global)
+        if step + 1 == spec.get("save_at"):
+            state = {"model": D.full_model_state_dict(model, trainable_only=spec["finetune"] != "full"),
+                     "optimizer": D.full_optimizer_state_dict(model, opt)}
+            if info.is_main:
+                torch.save(state, spec["ckpt"])
+    final = D.full_model_state_dict(model)
+    if info.is_main and spec.get("out"):
+        torch.save({"losses": losses, "norms": norms, "weights": final}, spec["out"])
+    D.teardown()
+    return {"losses": losses, "norms": norms, "weights": final}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(spec: dict, tmp_path: Path, nproc: int = 2) -> dict:
+    spec = {**spec, "out": str(tmp_path / "out.pt")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__,
+           "--worker", json.dumps(spec)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return torch.load(spec["out"], weights_only=False)
+
+
+def assert_same_run(ours: dict, ref: dict) -> None:
+    assert len(ours["losses"]) == len(ref["losses"])
+    for a, b in zip(ours["losses"], ref["losses"]):
+        assert abs(a - b) <= TOL, (ours["losses"], ref["losses"])
+    # the gradient itself, before clipping: AdamW hides a wrong scale, the norm does not
+    for a, b in zip(ours["norms"], ref["norms"]):
+        assert abs(a - b) <= TOL * b, (ours["norms"], ref["norms"])
+    assert ours["weights"].keys() == ref["weights"].keys()
+    for k, w in ref["weights"].items():
+        if w.is_floating_point():
+            assert torch.allclose(ours["weights"][k], w, atol=TOL, rtol=0), k
+        else:  # NF4 codes
+            assert torch.equal(ours["weights"][k], w), k
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels as each torchrun worker (OMP_NUM_THREADS=1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_two_processes_full_finetune_match_one_process_and_resume_in_one(tmp_path, one_thread):
+    ref = run({"finetune": "full", "steps": 4})
+    ckpt = str(tmp_path / "step2.pt")
+    two = torchrun({"finetune": "full", "steps": 4, "save_at": 2, "ckpt": ckpt,
+                    "activation_checkpointing": True}, tmp_path)
+    assert ref["losses"][-1] < ref["losses"][0]  # it trains
+    assert_same_run(two, ref)
+    # the state written by 2 sharded processes continues in 1 plain process on the same curve
+    resumed = run({"finetune": "full", "steps": 4, "start": 2, "resume": ckpt})
+    assert_same_run(resumed, {"losses": ref["losses"][2:], "norms": ref["norms"][2:],
+                              "weights": ref["weights"]})
+
+
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
+def test_two_processes_lora_and_qlora_match_one_process(finetune, tmp_path, one_thread):
+    pytest.importorskip("lora")
+    ref = run({"finetune": finetune, "steps": 3})
+    two = torchrun({"finetune": finetune, "steps": 3}, tmp_path)
+    assert_same_run(two, ref)
+    base = tiny_model(finetune).state_dict()
+    moved = [k for k in base if not torch.equal(base[k], ref["weights"][k])]
+    assert moved and all("lora" in k for k in moved)  # only adapters trained
+
+
+def test_step_rows_are_the_same_for_any_world_size_and_split_evenly():
+    rows = D.step_rows(10, 3, 8, seed=0)  # crosses from epoch 2 into epoch 3
+    assert len(rows) == 8
+    stream = sum((D.epoch_order(10, 0, e) for e in range(4)), [])
+    assert rows == stream[24:32]
+    parts = [D.rank_micro_batches(rows, 2, r, 2) for r in range(2)]
+    assert [len(p) for p in parts] == [2, 2]
+    assert sorted(i for p in parts for mb in p for i in mb) == sorted(rows)
+    with pytest.raises(ValueError):
+        D.rank_micro_batches(rows, 3, 0, 2)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    run(json.loads(sys.argv[2]))

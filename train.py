@@ -1,0 +1,371 @@
+"""Supervised fine-tuning, one flat script: `python train.py --config configs/NAME.toml [key=value ...]`.
+
+Read it top to bottom; it is the whole training side of the project:
+
+  1. config   TOML + overrides -> one dataclass (training/config.py); `--help` lists the options.
+  2. data     file -> conversations (data/formats.py) -> held-out split -> template + tokenize
+              with labels = -100 outside assistant replies (data/masking.py) -> packed rows of
+              max_seq_len tokens with position_ids and seq_ids (data/packing.py), so there is no
+              padding work and samples in one row never attend to each other.
+  3. model    HF folder -> Transformer (model/checkpoint.py); `trainable_parameters` decides
+              what trains (full fine-tuning here; LoRA/QLoRA plug in at that one function).
+  4. loop     each optimizer step takes `grad_accum` micro-batches. Their trainable tokens are
+              counted FIRST (and summed over ranks when distributed), then every micro-batch's
+              summed loss is divided by that one number before backward. So the gradient is
+              d/dw [sum of token losses / tokens in the step], exactly what one big batch gives;
+              averaging per micro-batch would over-weight tokens of short micro-batches.
+              Then: clip the global grad norm, AdamW step, cosine/warmup lr step.
+  5. outputs  checkpoints/<run>/: config.toml, metrics.jsonl, loss.svg, step_N/ (exact resume),
+              final/ (HF layout, loads with load_pretrained).
+
+Data order: the global batch of a step is `batch_size * grad_accum` rows taken from a stream of
+seeded epoch permutations (`training/distributed.py: step_rows`), so a step's rows depend only on
+(seed, step): resuming needs the step number alone, and N processes (torchrun, issue 7) split
+the same micro-batches between them. Token counts, loss sums and eval sums go through that
+module's all-reduce helpers, which are identities in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.formats import load_conversations
+from data.masking import tokenize_dataset
+from data.packing import collate, pack
+from data.templates import KNOWN_JINJA, render, stop_strings, template_from_tokenizer_config
+from model.checkpoint import load_pretrained
+from model.errors import SFTError
+from model.loss import masked_ce_sum
+from model.tokenizer import Tokenizer
+from training import checkpointing as ckpt
+from training import distributed as D
+from training.config import Config, help_text, load_config, save_toml
+from training.metrics import MetricsLog, write_loss_svg
+from training.optim import build_optimizer, build_scheduler
+
+# ----------------------------------------------------------------------------- data
+
+
+def split_held_out(convs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random `fraction` of conversations held out (at least 1 when fraction > 0)."""
+    if fraction <= 0:
+        return convs, []
+    idx = list(range(len(convs)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, round(len(convs) * fraction))
+    held = set(idx[:n_eval])
+    return [c for i, c in enumerate(convs) if i not in held], [convs[i] for i in sorted(held)]
+
+
+def tokenize_all(tok: Tokenizer, template: str, convs: list, max_len: int, strategy: str,
+                 where: str) -> list[dict]:
+    """Template + tokenize + mask; prints what was dropped and why (data/masking.py)."""
+    samples, report = tokenize_dataset(tok, template, convs, max_len, strategy, source=where)
+    if convs and not samples:
+        raise SFTError(f"{where}: no conversation kept a trainable token (check data.template, "
+                       f"data.loss_on and data.max_seq_len)")
+    if D.rank() == 0:
+        tqdm.write(f"{where}: {report.summary()}")
+    return samples
+
+
+def choose_template(cfg: Config, tok: Tokenizer) -> str:
+    """data.template, or the tokenizer's chat template, or alpaca for a base model without one."""
+    if cfg.data.template != "auto":
+        return cfg.data.template
+    if not tok.chat_template:
+        return "alpaca"
+    return template_from_tokenizer_config(cfg.model.path)
+
+
+def stop_ids(tok: Tokenizer, template: str) -> list[int]:
+    """Ids that end an assistant turn in this template (EOS, <|im_end|>, <|eot_id|>, ...).
+
+    They go into generation_config.json so that generation stops where training taught it to.
+    """
+    ids = [tok.token_to_id(s) for s in stop_strings(template, tok.eos_token)]
+    return sorted({i for i in ids if i is not None} | {tok.eos_id})
+
+
+def load_data(cfg: Config, tok: Tokenizer, template: str):
+    """-> (train rows, held-out rows, held-out conversations).
+
+    Rows are packed once and collated once into dicts of (N, T) LongTensors (input_ids, labels,
+    position_ids, seq_ids); a micro-batch is then an index_select, not a Python list copy.
+    """
+    convs = load_conversations(cfg.data.train, format=cfg.data.format)
+    if cfg.data.max_records:
+        convs = convs[:cfg.data.max_records]
+    if cfg.data.eval:
+        train_convs, eval_convs = convs, load_conversations(cfg.data.eval, format=cfg.data.format)
+    else:
+        train_convs, eval_convs = split_held_out(convs, cfg.data.eval_fraction, cfg.run.seed)
+    def prepare(convs: list, where: str) -> list[dict]:
+        return tokenize_all(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, where)
+    train_samples = prepare(train_convs, cfg.data.train)
+    eval_samples = prepare(eval_convs, cfg.data.eval or "held-out")
+    # packing is deterministic (best-fit decreasing); each epoch then shuffles whole rows
+    eval_rows = collate(pack(eval_samples, cfg.data.max_seq_len)) if eval_samples else None
+    return collate(pack(train_samples, cfg.data.max_seq_len)), eval_rows, eval_convs
+
+
+def trainable_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+# ----------------------------------------------------------------------------- model
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SFTError("config: run.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def trainable_parameters(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """Decide which weights train. The one place LoRA/QLoRA (issue 6) plug in."""
+    if cfg.model.finetune == "full":
+        for p in model.parameters():
+            p.requires_grad_(p.is_floating_point())
+        return model
+    try:
+        from lora import apply_lora
+    except ImportError:
+        raise SFTError(f"config: model.finetune={cfg.model.finetune} needs lora.py") from None
+    return apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                      targets=tuple(cfg.lora.targets))
+
+
+def load_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    if cfg.model.finetune == "qlora":
+        raise SFTError("config: model.finetune=qlora is not wired into train.py yet (issue 6)")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    model = load_pretrained(cfg.model.path, dtype=dtype, device=device)
+    return trainable_parameters(model, cfg).train()
+
+# ----------------------------------------------------------------------------- one step
+
+
+def to_device(data: dict[str, torch.Tensor], idx: list[int], device) -> dict[str, torch.Tensor]:
+    """Rows `idx` of the pre-collated (N, T) tensors -> a (B, T) micro-batch on `device`."""
+    sel = torch.tensor(idx)
+    return {k: v.index_select(0, sel).to(device, non_blocking=True) for k, v in data.items()}
+
+
+def forward_backward(model, batches: list[dict], scale: float, chunk: int) -> float:
+    """Backprop every micro-batch's loss SUM times `scale`; returns this rank's loss sum.
+
+    scale = 1 / (trainable tokens of the whole step) in one process; D.loss_scale(n_global)
+    = world / n_global under FSDP, whose gradient averaging over ranks the factor undoes.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=batches[0]["input_ids"].device)
+    for b in batches:
+        hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
+                       return_hidden=True)
+        loss_sum, _ = masked_ce_sum(model, hidden, b["labels"], chunk_size=chunk)
+        (loss_sum * scale).backward()
+        total += loss_sum.detach()
+    return total.item()  # one device sync per step, not per micro-batch
+
+
+@torch.no_grad()
+def evaluate(model, rows: dict, batch_size: int, chunk: int, device) -> tuple[float, float]:
+    """Held-out (mean loss per trainable token, perplexity), summed over ranks."""
+    was_training = model.training
+    model.eval()
+    rank, world = D.rank(), D.world_size()
+    loss, n, n_rows = 0.0, 0, len(rows["input_ids"])
+    for i in range(rank * batch_size, n_rows, world * batch_size):
+        b = to_device(rows, list(range(i, min(i + batch_size, n_rows))), device)
+        hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
+                       return_hidden=True)
+        s, k = masked_ce_sum(model, hidden, b["labels"], chunk_size=chunk)
+        loss, n = loss + s.item(), n + k
+    model.train(was_training)
+    loss, n = D.all_reduce_sum(loss, device), D.all_reduce_sum(n, device)
+    mean = loss / max(n, 1)
+    return mean, math.exp(min(mean, 50.0))
+
+
+def sample_answers(model, tok: Tokenizer, template: str, convs: list, max_new: int,
+                   stop: list[int]) -> list[str]:
+    """Greedy answers to the first user turn of each held-out conversation."""
+    prompts = []
+    for c in convs:
+        upto = c[:next(i for i, m in enumerate(c) if m["role"] == "user") + 1]
+        text = render(template, upto, add_generation_prompt=True,
+                      bos_token=tok.bos_token, eos_token=tok.eos_token)
+        prompts.append((upto[-1]["content"], tok.encode(text)))
+    was_training = model.training
+    model.eval()
+    outs = model.generate([p for _, p in prompts], max_new_tokens=max_new, stop_ids=stop)
+    model.train(was_training)
+    return [f"  prompt: {q}\n  answer: {tok.decode(o, skip_special_tokens=True).strip()}"
+            for (q, _), o in zip(prompts, outs)]
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(cfg: Config, stop_after: int | None = None) -> dict:
+    """Run training as configured; `stop_after` ends early after that step (simulates a crash)."""
+    threads = torch.get_num_threads()
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    try:
+        return _train(cfg, stop_after)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was
+
+
+def _train(cfg: Config, stop_after: int | None) -> dict:
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    rank, world = D.rank(), D.world_size()
+    if cfg.train.grad_accum % world:
+        raise SFTError(f"config: train.grad_accum={cfg.train.grad_accum} must be a multiple of the "
+                       f"{world} processes (each runs grad_accum / world micro-batches)")
+    device = pick_device(cfg.run.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    tok = Tokenizer.from_pretrained(cfg.model.path)
+    template = choose_template(cfg, tok)
+    if tok.chat_template is None and template in KNOWN_JINJA:
+        tok.chat_template = KNOWN_JINJA[template]  # saved models carry the template they learned
+    train_rows, eval_rows, eval_convs = load_data(cfg, tok, template)
+    if cfg.eval.max_rows and eval_rows is not None:
+        eval_rows = {k: v[:cfg.eval.max_rows] for k, v in eval_rows.items()}
+    n_train, n_eval = len(train_rows["input_ids"]), 0 if eval_rows is None else len(eval_rows["input_ids"])
+    model = load_model(cfg, device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # only now, with every input read and checked, touch the run folder
+    run_dir = ckpt.prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, cfg.run.overwrite)
+    save_toml(cfg, run_dir / "config.toml")
+
+    rows_per_step = cfg.train.batch_size * cfg.train.grad_accum  # global, whatever the world size
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * n_train / rows_per_step))
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay,
+                                (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
+    scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)
+    metrics = MetricsLog(run_dir)
+    step = 0
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, cfg.model.finetune)
+        step = state["step"]  # the data position: step_rows is a pure function of the step
+        metrics.truncate_after(step)
+        log(f"resumed from {latest} (step {step}, {step * rows_per_step} rows seen)")
+    else:
+        if cfg.run.resume:
+            log(f"run.resume=true but {run_dir} has no checkpoint yet: starting from step 0")
+        metrics.reset()
+    log(f"{cfg.model.path}: {n_params:,} trainable params on {device}; template {template}; "
+        f"{n_train} train rows x {cfg.data.max_seq_len} tokens, {n_eval} held-out rows; "
+        f"{total_steps} steps of {cfg.train.grad_accum} x {cfg.train.batch_size} rows")
+
+    chunk = cfg.train.loss_chunk
+    before = None
+    if eval_rows is not None and step == 0:
+        before = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device)
+        log(f"held-out before: loss {before[0]:.4f}  ppl {before[1]:.2f}")
+        metrics.log(kind="eval", step=0, eval_loss=before[0], eval_ppl=before[1])
+    elif eval_rows is not None:  # resumed: the step-0 figure is in metrics.jsonl
+        first = next((r for r in metrics.records if r.get("kind") == "eval"), None)
+        before = (first["eval_loss"], first["eval_ppl"]) if first else None
+
+    gen_cfg = {"eos_token_id": stop_ids(tok, template)}
+    t_start, tokens_done = time.perf_counter(), 0
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
+    while step < total_steps and (stop_after is None or step < stop_after):
+        t0 = time.perf_counter()
+        rows = D.step_rows(n_train, step, rows_per_step, cfg.run.seed)
+        batches = [to_device(train_rows, mb, device)
+                   for mb in D.rank_micro_batches(rows, cfg.train.batch_size, rank, world)]
+        n_step = D.global_token_count(sum(trainable_tokens(b) for b in batches), device)
+        loss_sum = forward_backward(model, batches, D.loss_scale(n_step), chunk)
+        grad_norm = D.clip_grad_norm([p for p in model.parameters() if p.requires_grad],
+                                     cfg.optim.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        loss_sum = D.all_reduce_sum(loss_sum, device)
+        loss, dt = loss_sum / max(n_step, 1), time.perf_counter() - t0
+        tokens_done += n_step
+        if not math.isfinite(loss):
+            raise SFTError(f"step {step}: loss is {loss}; lower optim.lr or check the data")
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            metrics.log(kind="train", step=step, epoch=step * rows_per_step / n_train, loss=loss,
+                        lr=lr, grad_norm=grad_norm, tokens_per_s=n_step / dt, trainable_tokens=int(n_step))
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_step / dt:,.0f}")
+        bar.update(1)
+        if eval_rows is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
+            el, ep = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device)
+            metrics.log(kind="eval", step=step, eval_loss=el, eval_ppl=ep)
+            bar.write(f"step {step}: held-out loss {el:.4f}  ppl {ep:.2f}")
+        if cfg.run.save_every and step % cfg.run.save_every == 0 and rank == 0:
+            ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                                 {"step": step, "rows_seen": step * rows_per_step}, tokenizer=tok,
+                                 finetune=cfg.model.finetune, keep_last_n=cfg.run.keep_last_n,
+                                 generation_config=gen_cfg)
+            write_loss_svg(metrics.records, run_dir / "loss.svg")
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {"run_dir": str(run_dir), "steps": step, "trainable_tokens": int(tokens_done),
+               "seconds": elapsed, "tokens_per_s": tokens_done / max(elapsed, 1e-9),
+               "eval_before": before[0] if before else None}
+    if step < total_steps:  # stopped early on purpose: no final model
+        metrics.close()
+        return summary
+    after = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device) if eval_rows is not None else None
+    if after:
+        metrics.log(kind="eval", step=step, eval_loss=after[0], eval_ppl=after[1])
+        summary["eval_after"] = after[0]
+    if rank == 0:
+        write_loss_svg(metrics.records, run_dir / "loss.svg")
+        final = ckpt.save_final(run_dir, model, tok, cfg.model.finetune, gen_cfg)
+        summary["final"] = str(final)
+        if cfg.eval.sample_prompts and eval_convs:
+            for text in sample_answers(model, tok, template, eval_convs[:cfg.eval.sample_prompts],
+                                       cfg.eval.max_new_tokens, gen_cfg["eos_token_id"]):
+                log("sample (held-out prompt, greedy):\n" + text)
+    metrics.close()
+    held = (f"; held-out loss {before[0]:.4f} -> {after[0]:.4f} (ppl {before[1]:.2f} -> {after[1]:.2f})"
+            if before and after else "")
+    log(f"done: {step} steps, {tokens_done:,} trainable tokens in {elapsed:.1f}s "
+        f"({summary['tokens_per_s']:,.0f} tok/s){held}; model: {summary.get('final', '-')}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a Llama-family model on instruction data.",
+        usage="python train.py --config configs/NAME.toml [section.key=value ...] [--debug]",
+        epilog="config options (section.key, default, meaning):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML file with [run], [model], [data], ... sections")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of SFTError")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
+    args = parser.parse_args(argv)
+    try:
+        train(load_config(args.config, args.overrides))
+    except SFTError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
