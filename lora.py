@@ -21,6 +21,14 @@ nothing extra at inference; `unmerge` subtracts it again. With QLoRA the frozen 
 `model.nf4.Linear4bit`: merging dequantizes it (rounding the sum back to 4 bits would throw the
 update away) and yields a full-precision nn.Linear, one layer at a time.
 
+Exporting the merged model does not merge in memory. `merge_lora` leaves every merged layer in
+full precision, so for a 7B QLoRA model the whole bf16 model (13.5 GB) would exist at once
+before `save_pretrained` wrote it. `save_merged(model, folder)` instead hands the writer one
+`LazyTensor` per weight (model/safetensors.py): the header is laid out from shapes alone, then
+each weight is dequantized, has scaling * B @ A added, is written and is dropped before the next
+is made. The model itself is left unchanged (still 4-bit, still trainable), and the extra memory
+is about one weight matrix. Weights that need no merging are written straight from the model.
+
 The adapter on disk is PEFT's: `adapter_config.json` and `adapter_model.safetensors` whose tensor
 names are the Hugging Face module names under the "base_model.model." prefix, e.g.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A: (r, in), B: (out, r)), with
@@ -39,9 +47,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.checkpoint import save_pretrained
 from model.errors import SFTError
+from model.llama import Transformer
 from model.nf4 import Linear4bit
-from model.safetensors import load_file, save_file
+from model.safetensors import LazyTensor, load_file, save_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -81,17 +91,36 @@ class LoRALinear(nn.Module):
         """scaling * B @ A, (out, in) in fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the merged weight: the base's (a 4-bit base's compute dtype)."""
+        base = self.base_layer
+        return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + scaling * B @ A, (out, in) in `weight_dtype`, summed in fp32 and rounded once.
+
+        A fresh tensor (a 4-bit base is dequantized for it); the layer is left as it is.
+        If the layer is already merged, that is its base weight.
+        """
+        base = self.base_layer
+        if self.merged:
+            return base.weight.detach()
+        w = base.dequantize() if isinstance(base, Linear4bit) else base.weight.detach()
+        return (w.float() + self.delta_weight()).to(w.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight (a 4-bit base becomes a dequantized nn.Linear)."""
         if self.merged:
             return
+        w = self.merged_weight()
         if isinstance(self.base_layer, Linear4bit):
             self._quantized = [self.base_layer]
-            self.base_layer = self.base_layer.to_linear(self.base_layer.compute_dtype)
+            self.base_layer = self.base_layer.to_linear(w.dtype)
             self.base_layer.weight.requires_grad_(False)
-        w = self.base_layer.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.base_layer.weight.copy_(w)
         self.merged = True
 
     @torch.no_grad()
@@ -295,7 +324,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear holding W + scaling * B @ A (in place).
 
     A 4-bit base is dequantized layer by layer into its compute dtype, so the peak is the merged
-    model plus one layer. Save the result with model.save_pretrained for a full HF checkpoint.
+    model plus one layer. To write a full HF checkpoint, prefer `save_merged`, which never holds
+    the merged model in memory (and leaves `model` as it is).
     """
     modules = dict(model.named_modules())
     for name, layer in lora_layers(model).items():
@@ -308,3 +338,41 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor | LazyTensor]:
+    """The weights of the merged model under our names, in the order of a plain Transformer.
+
+    LoRA layers and bare 4-bit layers (QLoRA quantizes every linear, LoRA may target only some)
+    become LazyTensors that merge / dequantize when the writer asks; other weights are the
+    model's own tensors.
+    """
+    with torch.device("meta"):
+        ref = Transformer(model.config)          # the plain model's names and shapes, no storage
+    modules = dict(model.named_modules())
+    if model.config.tie_word_embeddings and isinstance(modules.get("lm_head"), LoRALinear):
+        raise SFTError("save_merged: LoRA on a head tied to the embedding cannot be merged into a "
+                       "tied checkpoint (untie the head, or do not target lm_head)")
+    out: dict[str, torch.Tensor | LazyTensor] = {}
+    for name, meta in ref.state_dict().items():
+        mod_name, _, attr = name.rpartition(".")
+        module, shape = modules[mod_name], tuple(meta.shape)
+        if isinstance(module, LoRALinear):
+            out[name] = LazyTensor(shape, module.weight_dtype, module.merged_weight)
+        elif isinstance(module, Linear4bit):
+            out[name] = LazyTensor(shape, module.compute_dtype, module.dequantize)
+        else:
+            out[name] = getattr(module, attr).detach()
+    return out
+
+
+def save_merged(model: nn.Module, folder: str | os.PathLike, tokenizer=None,
+                max_shard_bytes: int = 5 * 1024**3, generation_config: dict | None = None) -> None:
+    """Write `model` with its LoRA updates merged (and 4-bit weights dequantized) as a full HF
+    checkpoint that load_pretrained reads, streaming one weight at a time; `model` is unchanged.
+
+    This is the one way to save a LoRA/QLoRA model as a full model: save_pretrained alone
+    refuses a model that still holds LoRA or 4-bit layers. Arguments as save_pretrained's.
+    """
+    save_pretrained(model, folder, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
+                    generation_config=generation_config, state_dict=merged_state_dict(model))

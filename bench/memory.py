@@ -2,6 +2,7 @@
 
     python bench/memory.py              # pico-base + 110M-shaped Llama, then the 7B QLoRA step
     python bench/memory.py --no-7b      # the quick part only (a few minutes less)
+    python bench/memory.py --merge-export [--export-shape 110m]   # saving a merged QLoRA model
 
 What is measured. Each (model, mode) runs in a fresh subprocess, so one run's freed memory
 cannot hide another's peak. The child builds the model, applies LoRA (r=8, alpha=16, all
@@ -19,6 +20,15 @@ quantized to NF4 as they are made, so the full-precision model never exists; emb
 and head in bf16, LoRA in fp32, batch 1 x 256 tokens. Activation checkpointing per block is
 available (--checkpointing) but off: at 1 x 256 tokens the activations are small next to the
 3.4 GB of NF4 weights, and recomputing would dequantize every weight a third time.
+
+Merged export (--merge-export). A QLoRA model of the given shape (NF4 base, bf16 embeddings,
+LoRA on all linears but the head with a non-zero update) is written as a full bf16 HF
+checkpoint in two ways, each in its own child: `lora.save_merged` (streams: one merged weight at
+a time) and `lora.merge_lora` followed by `save_pretrained` (the whole merged model in memory).
+The kernel's peak RSS counter is reset (/proc/self/clear_refs) just before the export, so the
+figure is the export's own peak, not the build's; `_over_model_gb` is that peak minus the RSS
+of the built model just before exporting. (With --export-shape 7b the in-memory child needs
+~17 GiB: the 13.5 GB merged bf16 model plus the NF4 one; the streamed one stays near 4.6.)
 
 Storage: bits per parameter of the NF4 linears = (packed codes + 8-bit absmax + fp32 second
 level scales + offset) / parameters, expected 4 + 8/64 + 32/(64*256) = 4.127.
@@ -119,6 +129,52 @@ def run_one(spec: dict) -> dict:
     }
 
 
+def run_export(spec: dict) -> dict:
+    """In the child: build a QLoRA model, then export it merged, streaming or in memory."""
+    import tempfile
+
+    import torch
+    torch.set_num_threads(spec["threads"])
+    sys.path.insert(0, str(ROOT))
+    import lora
+    from model.checkpoint import save_pretrained
+    model = build_random(spec["model"], "qlora", torch.bfloat16)
+    lora.apply_lora(model, r=8, alpha=16, targets="all-linear")
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.01)
+    before_kib = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")    # VmHWM := VmRSS: measure the export alone
+    with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as d:
+        t0 = time.time()
+        if spec["mode"] == "stream":
+            lora.save_merged(model, Path(d) / "merged")
+        else:
+            save_pretrained(lora.merge_lora(model), Path(d) / "merged")
+        export_s = time.time() - t0
+        file_gb = sum(f.stat().st_size for f in (Path(d) / "merged").iterdir()) / 1024**3
+    peak_kib = _status_kib("VmHWM")
+    return {"peak_rss_gb": peak_kib / 1024**2, "before_export_rss_gb": before_kib / 1024**2,
+            "over_model_gb": (peak_kib - before_kib) / 1024**2, "export_s": export_s, "file_gb": file_gb}
+
+
+def merge_export(args) -> dict:
+    """Peak RSS of saving a merged QLoRA model: streamed (save_merged) vs merged in memory."""
+    out: dict = {"export_shape": args.export_shape}
+    print(f"saving a merged QLoRA {args.export_shape}-shaped model as a bf16 HF checkpoint; "
+          "peak RSS during the export in GiB")
+    for mode, key in (("stream", "merged_export"), ("in_memory", "in_memory_merge")):
+        r = spawn(dict(model=args.export_shape, mode=mode, threads=args.threads, export=True))
+        print(f"{mode:9s}: peak RSS {r['peak_rss_gb']:6.3f} GiB = model before export "
+              f"{r['before_export_rss_gb']:.3f} + {r['over_model_gb']:.3f}; wrote {r['file_gb']:.3f} GiB "
+              f"in {r['export_s']:.1f}s")
+        out[f"{key}_peak_rss_gb"] = round(r["peak_rss_gb"], 3)
+        out[f"{key}_over_model_gb"] = round(r["over_model_gb"], 3)
+        out[f"{key}_s"] = round(r["export_s"], 1)
+    out["merged_file_gb"] = round(r["file_gb"], 3)
+    return out
+
+
 def spawn(spec: dict) -> dict:
     # A fixed glibc mmap threshold: every allocation above 128 KiB gets its own mapping, returned
     # to the kernel when freed. With glibc's default (a threshold that grows as big blocks are
@@ -142,9 +198,16 @@ def main() -> None:
     ap.add_argument("--only-7b", action="store_true", help="run only the 7B QLoRA step")
     ap.add_argument("--checkpointing", action="store_true",
                     help="activation checkpointing per block for the 7B step (not needed at 1 x 256)")
+    ap.add_argument("--merge-export", action="store_true",
+                    help="instead: peak RSS of saving a merged QLoRA model, streamed vs in memory")
+    ap.add_argument("--export-shape", choices=sorted(SHAPES), default="110m")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(json.loads(args.one))))
+        spec = json.loads(args.one)
+        print(json.dumps(run_export(spec) if spec.get("export") else run_one(spec)))
+        return
+    if args.merge_export:
+        print(json.dumps(merge_export(args)))
         return
     out: dict = {"batch": args.batch, "seq": args.seq, "threads": args.threads}
     runs = [] if args.only_7b else [(m, mode) for m in ("pico", "110m") for mode in ("full", "lora", "qlora")]

@@ -54,7 +54,7 @@ made went came""".split())
 # ----------------------------------------------------------------------------- 1. teacher texts
 
 
-def clean_text(text: str, max_words: int = 60) -> str | None:
+def clean_text(text: str, max_words: int = 35) -> str | None:
     """One paragraph of whole sentences (at most ~max_words words), or None if too little is left."""
     text = re.sub(r"\s+", " ", text.replace("*", "").replace("<", "").replace(">", "")).strip()
     sentences, kept, words = split_sentences(text), [], 0
@@ -120,6 +120,8 @@ def draw_kwargs(iid: str, text: str, rng: random.Random, half: str) -> dict | No
     if iid == "detectable_content:postscript":
         return {"postscript_marker": rng.choice(POSTSCRIPT_MARKERS)}
     if iid == "startend:end_checker":
+        if train and rng.random() < 0.5:  # back-translated: the text's own last words
+            return {"end_phrase": " ".join(text.split()[-rng.randint(3, 5):])}
         return {"end_phrase": rng.choice(TRAIN_END_PHRASES if train else HELDOUT_END_PHRASES)}
     if iid == "detectable_format:number_highlighted_sections":
         return {"num_highlights": rng.randint(1, 3)}
@@ -155,7 +157,7 @@ def apply_edit(iid: str, kw: dict, text: str, other: str, topic: str, rng: rando
     if iid == "detectable_content:postscript":
         return f"{text}\n\n{kw['postscript_marker']} {split_sentences(other)[0]}"
     if iid == "startend:end_checker":
-        return f"{text} {kw['end_phrase']}"
+        return text if text.endswith(kw["end_phrase"]) else f"{text} {kw['end_phrase']}"
     if iid in ("detectable_format:number_highlighted_sections", "detectable_content:number_placeholders"):
         n = kw.get("num_highlights", kw.get("num_placeholders"))
         words = _content_words(text)
@@ -266,11 +268,11 @@ def counts_table(counts: dict[str, Counter]) -> str:
     return "\n".join(lines)
 
 
-def build_demo_data(model_path: str, tok, out_dir: str | os.PathLike, mix: str = "", per_topic: int = 8,
-                    per_text: int = 3, heldout_per_type: int = 6, seed: int = 0,
+def build_demo_data(model_path: str, tok, out_dir: str | os.PathLike, mix: str = "", mix_records: int = 0,
+                    per_topic: int = 8, per_text: int = 4, heldout_per_type: int = 6, seed: int = 0,
                     log=print) -> tuple[Path, Path]:
-    """Teacher texts -> verified pairs (+ the real records of `mix`) -> out_dir/demo_train.jsonl,
-    and the held-out items -> out_dir/demo_heldout.jsonl. Returns both paths."""
+    """Teacher texts -> verified pairs (+ the first `mix_records` real conversations of `mix`, 0: all)
+    -> out_dir/demo_train.jsonl, and the held-out items -> out_dir/demo_heldout.jsonl."""
     model = load_pretrained(model_path).eval()
     with torch.no_grad():
         texts = teacher_texts(model, tok, TRAIN_TOPICS, per_topic, seed)
@@ -279,6 +281,7 @@ def build_demo_data(model_path: str, tok, out_dir: str | os.PathLike, mix: str =
         f"{len(pairs)} verified pairs\n{counts_table(counts)}")
     # one layout for both sources (openai "messages"), whatever format the real file is in
     real = [{"messages": conv} for conv in load_conversations(mix)] if mix else []
+    real = real[:mix_records] if mix_records else real
     records = pairs + real
     random.Random(seed).shuffle(records)
     train = write_jsonl(Path(out_dir) / "demo_train.jsonl", records)

@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 
 from data.templates import validate_messages
-from model.errors import SFTError
+from model.errors import SFTError, read_text
 
 FORMATS = ("alpaca", "sharegpt", "openai", "oasst")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -41,9 +41,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 def read_records(path: str | Path) -> list[tuple[str, dict]]:
     """[(where, record)] from a JSON list or a JSONL file; `where` names the file and line/index."""
     path = Path(path)
-    if not path.is_file():
-        raise SFTError(f"{path}: no such data file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)

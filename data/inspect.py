@@ -27,7 +27,7 @@ from pathlib import Path
 
 from data.formats import load_conversations
 from data.masking import IGNORE_INDEX, tokenize_conversation, tokenize_dataset
-from model.errors import SFTError
+from model.errors import SFTError, run_cli
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
@@ -96,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--html", default="inspect.html", help="where to write the HTML page")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except SFTError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args), args.debug)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from model.errors import SFTError
+from model.errors import SFTError, read_text
 from model.llama import Config, Transformer
 from model.safetensors import open_sharded, save_sharded
 
@@ -44,7 +44,7 @@ def read_config(folder: Path) -> Config:
     if not path.exists():
         raise SFTError(f"{path}: missing (is {folder} a Hugging Face model folder?)")
     try:
-        hf = json.loads(path.read_text())
+        hf = json.loads(read_text(path, "config.json"))
     except json.JSONDecodeError as e:
         raise SFTError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     return Config.from_hf(hf, source=str(path))
@@ -84,8 +84,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SFTError(f"{path}: cannot load with torch.load(weights_only=True): {e}") from None
+    except Exception as e:  # torch's message is a page long: keep the line that says why
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if "GLOBAL" in line), lines[0])
+        raise SFTError(f"{path}: cannot load with torch.load(weights_only=True): {why}") from None
 
 
 def _copy_in_slices(src: torch.Tensor, dst: torch.Tensor, release: Callable[[int, int], None],
@@ -132,7 +134,10 @@ def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype = torch.float3
         if tuple(src.shape) != tuple(expected[name].shape):
             raise SFTError(f"{fname}: tensor {hf_name!r} has shape {tuple(src.shape)} but "
                            f"{folder / 'config.json'} implies {tuple(expected[name].shape)}")
-        t = torch.empty(src.shape, device=device, dtype=dtype if src.is_floating_point() else src.dtype)
+        if not src.is_floating_point():
+            raise SFTError(f"{fname}: tensor {hf_name!r} has dtype {src.dtype}; Llama weights are "
+                           "floating point (F32, F16 or BF16)")
+        t = torch.empty(src.shape, device=device, dtype=dtype)
         _copy_in_slices(src, t, release)
         del src
         mod_name, _, attr = name.rpartition(".")
@@ -153,10 +158,14 @@ def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype = torch.float3
     return model.eval()
 
 
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our parameters under HF names (tied lm_head left out, as HF does)."""
+def hf_state_dict(model: Transformer, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """Our parameters under HF names (tied lm_head left out, as HF does).
+
+    state_dict: the tensors to use instead of model.state_dict(), e.g. the full tensors
+    gathered from FSDP shards (training/distributed.py), whose own state_dict() holds shards.
+    """
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         out[name if name == "lm_head.weight" else "model." + name] = t
@@ -174,15 +183,18 @@ def _check_plain(model: Transformer, sd: dict[str, torch.Tensor]) -> None:
 
 
 def save_pretrained(model: Transformer, folder: str | os.PathLike, tokenizer=None,
-                    max_shard_bytes: int = 5 * 1024**3, generation_config: dict | None = None) -> None:
+                    max_shard_bytes: int = 5 * 1024**3, generation_config: dict | None = None,
+                    state_dict: dict | None = None) -> None:
     """Write an HF folder: config.json, generation_config.json, safetensors (sharded above
     max_shard_bytes) and, if given, the tokenizer. The folder is replaced only when complete.
 
     generation_config: extra keys; its "eos_token_id" (int or list) is merged with the config's
     eos ids so that every stop id used in training is written.
+    state_dict: full tensors to write in place of model.state_dict() (see hf_state_dict), or
+    model.safetensors.LazyTensors made one at a time as they are written (lora.save_merged).
     """
     folder = Path(folder)
-    sd = hf_state_dict(model)
+    sd = hf_state_dict(model, state_dict)
     _check_plain(model, sd)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"

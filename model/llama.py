@@ -31,7 +31,9 @@ norm and per MLP than the op-by-op graph (same forward arithmetic, same results)
 
 Masks: with no `seq_ids` the plain causal mask is used (`is_causal=True`, the fast path). With
 `seq_ids` (B, T) a token attends only to earlier tokens *with the same id*: a block-diagonal causal
-mask, so samples packed into one row never see each other.
+mask, so samples packed into one row never see each other. When every row holds a single id the
+two masks are the same, and the causal fast path is taken (the kernel then skips the blocks above
+the diagonal instead of reading a (B, 1, T, T) mask).
 
 Generation keeps a KV cache: the keys and values of every position already processed, stored in
 a buffer preallocated for the whole generation. Each new token then costs one forward over a
@@ -121,16 +123,19 @@ class Config:
                 missing = [k for k in ROPE_SCALING_KEYS[scaling["rope_type"]] if k not in scaling]
                 if missing:
                     raise SFTError(f"{source}: {scaling['rope_type']} rope scaling needs {missing}")
-        return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            num_key_value_heads=hf.get("num_key_value_heads") or 0, head_dim=hf.get("head_dim") or 0,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"))
+        try:  # __post_init__ checks the head counts; say which file they came from
+            return cls(
+                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=hf["num_attention_heads"],
+                num_key_value_heads=hf.get("num_key_value_heads") or 0, head_dim=hf.get("head_dim") or 0,
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+                pad_token_id=hf.get("pad_token_id"))
+        except SFTError as e:
+            raise SFTError(f"{source}: {e}") from None
 
     def to_hf(self) -> dict:
         """The `config.json` dict transformers expects (legacy `rope_theta` key, read by 4.x and 5.x)."""
@@ -144,6 +149,11 @@ class Config:
 
 # ----------------------------------------------------------------------------- building blocks
 
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """The dtype statistics are taken in: fp32 for fp32/bf16/fp16 inputs (fp64 stays fp64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class _RMSNormFn(torch.autograd.Function):
     """y = w * (x * r).to(dtype), r = rsqrt(mean(x^2) + eps) per row; keeps only x and r (B, T, 1).
 
@@ -155,7 +165,7 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(_acc(x))
         r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, r)
         return weight * (xf * r).to(x.dtype)
@@ -163,11 +173,11 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight, r = ctx.saved_tensors
-        xhat = x.float() * r
+        xhat = x.to(r.dtype) * r
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = (g.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        gw = (g * weight).float()
+            dw = (g.to(r.dtype) * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        gw = (g * weight).to(r.dtype)
         dx = r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
         return dx.to(x.dtype), dw, None
 
@@ -269,8 +279,9 @@ class Attention(nn.Module):
 class _SwiGLUFn(torch.autograd.Function):
     """silu(a) * b, keeping only a and b (B, T, F) for backward; autograd would keep silu(a) too.
 
-    With s = sigmoid(a):  d/da = g * b * s * (1 + a * (1 - s)),  d/db = g * a * s.
-    One (B, T, F) tensor per layer less, the largest activations of the block.
+    With s = sigmoid(a):  d/da = g * b * s * (1 + a * (1 - s)) (aten's silu_backward of g * b),
+    d/db = g * silu(a), recomputed. One (B, T, F) tensor per layer less, the largest
+    activations of the block.
     """
 
     @staticmethod
@@ -281,10 +292,8 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         a, b = ctx.saved_tensors
-        af, gf = a.float(), g.float()
-        s = torch.sigmoid(af)
-        da = gf * b.float() * s * (1 + af * (1 - s))
-        return da.to(a.dtype), (gf * af * s).to(b.dtype)
+        # the very kernels autograd would run for silu(a) * b, minus the saved silu(a)
+        return torch.ops.aten.silu_backward(g * b, a), g * F.silu(a)
 
 
 class MLP(nn.Module):
@@ -362,8 +371,8 @@ class Transformer(nn.Module):
         mask = None  # None -> is_causal=True fast path
         if cache is not None:
             mask = cache_mask(cache, T)
-        elif seq_ids is not None:
-            mask = block_causal_mask(seq_ids)
+        elif seq_ids is not None and bool((seq_ids != seq_ids[:, :1]).any()):
+            mask = block_causal_mask(seq_ids)  # (one sample per row: plain causal is the same)
         h = self.embed_tokens(input_ids)  # (B, T, D)
         if mask is not None:  # bool -> additive 0/-inf, once per forward (SDPA on CPU is slower with bool masks)
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))

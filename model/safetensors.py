@@ -18,6 +18,13 @@ tile the data part exactly: start at 0, no gaps, no overlaps, end at the end of 
 
 Sharded checkpoints split the tensors over several files and add `model.safetensors.index.json`:
 {"metadata": {"total_size": bytes}, "weight_map": {tensor name: file name}}.
+
+Writing streams. The header holds every offset, so it needs only each tensor's shape and dtype,
+not its values: a `LazyTensor(shape, dtype, make)` stands for a tensor that `make()` produces
+when its bytes are due. The writer lays out the header from shapes alone, then makes, writes and
+drops one tensor at a time, so exporting a model whose weights must be computed (a QLoRA model
+merged on the way out: dequantize + LoRA update) holds one finished tensor at a time, never the
+whole model. Plain tensors go through the same path (a LazyTensor that returns the tensor).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -168,30 +176,56 @@ def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {name: f.get_tensor(name) for name in f.keys()}
 
 
+class LazyTensor(NamedTuple):
+    """A tensor known by shape and dtype now, produced by `make()` only when it is written."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _lazy(t: torch.Tensor | LazyTensor) -> LazyTensor:
+    return t if isinstance(t, LazyTensor) else LazyTensor(tuple(t.shape), t.dtype, lambda: t)
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+def _write_one(f, name: str, spec: LazyTensor, path: Path) -> None:
+    """Make one tensor, check it against the header already written, write it; the caller keeps
+    no reference, so it is freed before the next one is made."""
+    t = spec.make()
+    if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
+        raise SFTError(f"{path}: tensor {name!r} was declared {tuple(spec.shape)} {spec.dtype} but "
+                       f"produced {tuple(t.shape)} {t.dtype}")
+    f.write(_tensor_bytes(t))
+
+
+def save_file(tensors: dict[str, torch.Tensor | LazyTensor], path: str | os.PathLike,
               metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` to `path` atomically (temp file in the same folder, then rename).
+    """Write `tensors` (tensors or LazyTensors, made one at a time) to `path` atomically
+    (temp file in the same folder, then rename).
 
     Tensors are laid out largest itemsize first so every one is aligned to its element size
     (the header is padded with spaces to a multiple of 8 bytes).
     """
     path = Path(path)
+    specs = {name: _lazy(t) for name, t in tensors.items()}
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    order = sorted(specs, key=lambda k: (-specs[k].dtype.itemsize, k))
     pos = 0
     for name in order:
-        t = tensors[name]
-        if t.dtype not in DTYPE_NAMES:
-            raise SFTError(f"{path}: cannot store tensor {name!r} of dtype {t.dtype}")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [pos, pos + n]}
-        pos += n
+        spec = specs[name]
+        if spec.dtype not in DTYPE_NAMES:
+            raise SFTError(f"{path}: cannot store tensor {name!r} of dtype {spec.dtype}")
+        header[name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                        "data_offsets": [pos, pos + spec.nbytes]}
+        pos += spec.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -199,7 +233,7 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for name in order:
-                f.write(_tensor_bytes(tensors[name]))
+                _write_one(f, name, specs[name], path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -207,33 +241,33 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         raise
 
 
-def save_sharded(tensors: dict[str, torch.Tensor], folder: str | os.PathLike,
+def save_sharded(tensors: dict[str, torch.Tensor | LazyTensor], folder: str | os.PathLike,
                  max_shard_bytes: int = 5 * 1024**3) -> list[str]:
     """Write `model.safetensors`, or when the tensors exceed max_shard_bytes, shards
     `model-0000i-of-0000n.safetensors` filled in order plus the index. Returns the file names.
 
     A tensor is never split, so one larger than max_shard_bytes gets a shard of its own.
+    LazyTensors are made one at a time as their shard is written (see save_file).
     """
     folder = Path(folder)
+    specs = {name: _lazy(t) for name, t in tensors.items()}
     shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
+    for name, spec in specs.items():
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += n
+        size += spec.nbytes
     if len(shards) == 1:
-        save_file(tensors, folder / SINGLE_NAME)
+        save_file(specs, folder / SINGLE_NAME)
         return [SINGLE_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for fname, keys in zip(names, shards):
-        save_file({k: tensors[k] for k in keys}, folder / fname)
+        save_file({k: specs[k] for k in keys}, folder / fname)
         weight_map.update({k: fname for k in keys})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(s.nbytes for s in specs.values())}, "weight_map": weight_map}
     tmp = folder / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(tmp, folder / INDEX_NAME)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from model.errors import SFTError
+from model.errors import SFTError, read_text
 
 NO_DUMMY_PREFIX = bytes([0x1A, 0x02, 0x18, 0x00])  # ModelProto.normalizer_spec.add_dummy_prefix = false
 
@@ -45,7 +45,7 @@ def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path, path.name))
     except json.JSONDecodeError as e:
         raise SFTError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 

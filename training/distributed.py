@@ -14,9 +14,11 @@ What each process holds (FSDP2, `torch.distributed.fsdp.fully_shard`):
     are all-gathered (full weights exist for one block at a time), after it they are freed; in
     backward the block's gradients are reduce-scattered, each rank receiving the sum over ranks
     of its own shard's gradient, divided by N (FSDP averages). `fully_shard(model)` last takes
-    what is left (embedding, final norm, output head). On CUDA a `MixedPrecisionPolicy` keeps the
-    sharded master weights in fp32 but all-gathers and computes in bf16, and reduces gradients
-    in fp32 (the sum of N bf16 gradients would lose bits).
+    what is left (embedding, final norm, output head). With mixed precision (bf16 runs) a
+    `MixedPrecisionPolicy` keeps the sharded master weights in fp32 but all-gathers and computes
+    in bf16, and reduces gradients in fp32 (the sum of N bf16 gradients would lose bits).
+    Every forward is collective (all ranks all-gather together), so every rank must run the
+    same number of them, evaluation included (`eval_batches`).
 
 The one subtle thing is the loss scale. The step's gradient must be that of
     L = (sum over all ranks r, micro-batches m, trainable tokens t of ce_t) / n_global
@@ -102,9 +104,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
-    """Close the process group (a no-op in one process); call once, at the end of the run."""
+    """Close the process group (a no-op in one process); call once, at the end of the run.
+
+    No barrier here: on an error path the other ranks may already be gone, and torchrun stops
+    the whole group when one process fails.
+    """
     if dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -223,6 +228,20 @@ def rank_micro_batches(rows: list[int], micro_batch: int, rank: int = 0,
                          f"x micro-batches of {micro_batch}")
     micro = [rows[i:i + micro_batch] for i in range(0, len(rows), micro_batch)]
     return micro[rank::world]
+
+
+def eval_batches(n_rows: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This rank's held-out batches (row indices), dealt round-robin; every rank gets the SAME
+    number of batches, a rank that runs out gets [] entries.
+
+    Under FSDP every forward is collective (each block all-gathers its weights), so a rank
+    that stopped early would leave the others waiting forever. The caller runs a forward for
+    an empty entry too (on any row) and counts nothing from it.
+    """
+    starts = list(range(0, n_rows, batch_size))
+    per_rank = -(-len(starts) // world)
+    mine = [list(range(s, min(s + batch_size, n_rows))) for s in starts[rank::world]]
+    return mine + [[] for _ in range(per_rank - len(mine))]
 
 
 # ---------------------------------------------------------------------------- loss scale
