@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from model.checkpoint import save_pretrained
-from model.errors import SFTError
+from model.errors import SFTError, read_text
 from model.llama import Transformer
 from model.nf4 import Linear4bit
 from model.safetensors import LazyTensor, load_file, save_file
@@ -214,19 +214,31 @@ def mark_only_lora_trainable(model: nn.Module, train_embeddings: bool = False, t
         model.lm_head.weight.requires_grad_(True)
 
 
-def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything the adapter file holds, under PEFT's names."""
+def _adapter_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """Everything the adapter file holds, under PEFT's names.
+
+    state_dict: take the tensors from it (our names) instead of the modules, e.g. full tensors
+    gathered from FSDP shards by training/distributed.py.
+    """
+    def tensor(name: str) -> torch.Tensor:
+        if state_dict is not None:
+            return state_dict[name]
+        return model.get_parameter(name).detach()
     out = {}
-    for name, layer in lora_layers(model).items():
+    for name in lora_layers(model):
         for part in ("lora_A", "lora_B"):
-            out[f"{PEFT_PREFIX}{hf_name(name)}.{part}.weight"] = getattr(layer, part).weight.detach()
+            out[f"{PEFT_PREFIX}{hf_name(name)}.{part}.weight"] = tensor(f"{name}.{part}.weight")
     for mod in model.lora_config.get("modules_to_save") or []:
-        out[f"{PEFT_PREFIX}{hf_name(mod)}.weight"] = getattr(model, mod).weight.detach()
+        out[f"{PEFT_PREFIX}{hf_name(mod)}.weight"] = tensor(f"{mod}.weight")
     return out
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
-    """Write adapter_config.json + adapter_model.safetensors (PEFT layout); atomic folder swap."""
+def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 state_dict: dict | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT layout); atomic folder swap.
+
+    state_dict: full adapter tensors by our parameter names, when the model's own are FSDP shards.
+    """
     if not lora_layers(model) or not hasattr(model, "lora_config"):
         raise SFTError("save_adapter: the model has no LoRA layers (call apply_lora first)")
     if any(layer.merged for layer in lora_layers(model).values()):
@@ -247,7 +259,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     tmp.mkdir()
     try:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: t.contiguous() for k, t in _adapter_tensors(model).items()}, tmp / ADAPTER_WEIGHTS)
+        save_file({k: t.contiguous() for k, t in _adapter_tensors(model, state_dict).items()}, tmp / ADAPTER_WEIGHTS)
         old = folder.parent / f".{folder.name}.old-{os.getpid()}"
         if folder.exists():
             os.rename(folder, old)
@@ -264,12 +276,14 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
     if not path.exists():
         raise SFTError(f"{path}: missing (is {folder} a PEFT/LoRA adapter folder?)")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(read_text(path, ADAPTER_CONFIG))
     except json.JSONDecodeError as e:
         raise SFTError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise SFTError(f"{path}: missing key {key!r}")
+    if type(cfg["r"]) is not int or cfg["r"] <= 0:
+        raise SFTError(f"{path}: r (the LoRA rank) must be a positive integer, got {cfg['r']!r}")
     unsupported = {"peft_type": cfg.get("peft_type", "LORA") != "LORA", "use_dora": bool(cfg.get("use_dora")),
                    "bias": cfg.get("bias", "none") != "none", "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
                    "rank_pattern": bool(cfg.get("rank_pattern")), "alpha_pattern": bool(cfg.get("alpha_pattern")),

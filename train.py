@@ -22,7 +22,10 @@ Data order: the global batch of a step is `batch_size * grad_accum` rows taken f
 seeded epoch permutations (`training/distributed.py: step_rows`), so a step's rows depend only on
 (seed, step): resuming needs the step number alone, and N processes (torchrun, issue 7) split
 the same micro-batches between them. Token counts, loss sums and eval sums go through that
-module's all-reduce helpers, which are identities in one process.
+module's all-reduce helpers, which are identities in one process. Under
+`torchrun --nproc_per_node N train.py ...` the model is sharded with FSDP2 (`D.shard_model`),
+every process runs grad_accum / N micro-batches of each step, and checkpoints are gathered to
+rank 0 (which alone writes), loadable by any number of processes.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ import argparse
 import math
 import random
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,7 +46,8 @@ from data.masking import tokenize_dataset
 from data.packing import collate, pack
 from data.templates import KNOWN_JINJA, render, stop_strings, template_from_tokenizer_config
 from model.checkpoint import load_pretrained
-from model.errors import SFTError
+from evaluation import demo
+from model.errors import SFTError, run_cli
 from model.loss import masked_ce_sum
 from model.tokenizer import Tokenizer
 from training import checkpointing as ckpt
@@ -101,12 +107,17 @@ def load_data(cfg: Config, tok: Tokenizer, template: str):
     position_ids, seq_ids); a micro-batch is then an index_select, not a Python list copy.
     """
     convs = load_conversations(cfg.data.train, format=cfg.data.format)
+    if not convs:
+        raise SFTError(f"{cfg.data.train}: no conversations in the file (empty?)")
     if cfg.data.max_records:
         convs = convs[:cfg.data.max_records]
     if cfg.data.eval:
         train_convs, eval_convs = convs, load_conversations(cfg.data.eval, format=cfg.data.format)
     else:
         train_convs, eval_convs = split_held_out(convs, cfg.data.eval_fraction, cfg.run.seed)
+    if not train_convs:
+        raise SFTError(f"{cfg.data.train}: all {len(convs)} conversation(s) are held out; add data "
+                       "or lower data.eval_fraction")
     def prepare(convs: list, where: str) -> list[dict]:
         return tokenize_all(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, where)
     train_samples = prepare(train_convs, cfg.data.train)
@@ -145,11 +156,23 @@ def trainable_parameters(model: torch.nn.Module, cfg: Config) -> torch.nn.Module
 
 
 def load_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    if cfg.model.finetune == "qlora":
-        raise SFTError("config: model.finetune=qlora is not wired into train.py yet (issue 6)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    model = load_pretrained(cfg.model.path, dtype=dtype, device=device)
+    if D.world_size() > 1:  # FSDP: fp32 master shards, bf16 compute via its MixedPrecisionPolicy
+        dtype = torch.float32
+    if cfg.model.finetune == "qlora":  # frozen base in NF4, quantized tensor by tensor as it is read
+        from model.nf4 import load_quantized
+        model = load_quantized(cfg.model.path, compute_dtype=dtype, device=device)
+    else:
+        model = load_pretrained(cfg.model.path, dtype=dtype, device=device)
     return trainable_parameters(model, cfg).train()
+
+def export_merged(cfg: Config, adapter_dir: Path, out: Path, tok, gen_cfg: dict) -> Path:
+    """Base + the saved adapter -> one full HF model, streamed tensor by tensor (NF4 weights are
+    dequantized layer by layer). Rebuilt from disk, so it is the same with or without FSDP."""
+    from lora import load_adapter, save_merged
+    model = load_adapter(load_model(cfg, torch.device("cpu")), adapter_dir)
+    save_merged(model, out, tok, generation_config=gen_cfg)
+    return out
 
 # ----------------------------------------------------------------------------- one step
 
@@ -183,12 +206,13 @@ def evaluate(model, rows: dict, batch_size: int, chunk: int, device) -> tuple[fl
     model.eval()
     rank, world = D.rank(), D.world_size()
     loss, n, n_rows = 0.0, 0, len(rows["input_ids"])
-    for i in range(rank * batch_size, n_rows, world * batch_size):
-        b = to_device(rows, list(range(i, min(i + batch_size, n_rows))), device)
+    for idx in D.eval_batches(n_rows, batch_size, rank, world):
+        b = to_device(rows, idx or [0], device)  # []: a forward for FSDP's collectives, not counted
         hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
                        return_hidden=True)
         s, k = masked_ce_sum(model, hidden, b["labels"], chunk_size=chunk)
-        loss, n = loss + s.item(), n + k
+        if idx:
+            loss, n = loss + s.item(), n + k
     model.train(was_training)
     loss, n = D.all_reduce_sum(loss, device), D.all_reduce_sum(n, device)
     mean = loss / max(n, 1)
@@ -226,40 +250,54 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
 
 
 def _train(cfg: Config, stop_after: int | None) -> dict:
+    t_begin = time.perf_counter()
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
+    # under torchrun: open the process group (NCCL/gloo), one GPU per process; else a no-op
+    device = D.init_distributed(pick_device(cfg.run.device).type).device
     rank, world = D.rank(), D.world_size()
     if cfg.train.grad_accum % world:
         raise SFTError(f"config: train.grad_accum={cfg.train.grad_accum} must be a multiple of the "
                        f"{world} processes (each runs grad_accum / world micro-batches)")
-    device = pick_device(cfg.run.device)
     log = print if rank == 0 else (lambda *a, **k: None)
 
     tok = Tokenizer.from_pretrained(cfg.model.path)
     template = choose_template(cfg, tok)
     if tok.chat_template is None and template in KNOWN_JINJA:
         tok.chat_template = KNOWN_JINJA[template]  # saved models carry the template they learned
+    # the offline demo (configs/demo.toml): the base model writes its own training set
+    demo_held = demo.prepare_data(cfg, tok, log) if cfg.demo.backtranslate else None
     train_rows, eval_rows, eval_convs = load_data(cfg, tok, template)
     if cfg.eval.max_rows and eval_rows is not None:
         eval_rows = {k: v[:cfg.eval.max_rows] for k, v in eval_rows.items()}
     n_train, n_eval = len(train_rows["input_ids"]), 0 if eval_rows is None else len(eval_rows["input_ids"])
     model = load_model(cfg, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # only now, with every input read and checked, touch the run folder
-    run_dir = ckpt.prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, cfg.run.overwrite)
-    save_toml(cfg, run_dir / "config.toml")
+    # only now, with every input read and checked, touch the run folder (rank 0 owns it)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if rank == 0:
+        ckpt.prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, cfg.run.overwrite)
+        save_toml(cfg, run_dir / "config.toml")
+    D.barrier()
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
+    if latest is not None:  # weights go in before sharding, while every tensor is whole
+        ckpt.load_weights(model, latest, cfg.model.finetune)
+    D.shard_model(model, mixed_precision=cfg.model.dtype == "bfloat16",
+                  activation_checkpointing=cfg.train.activation_checkpointing,
+                  compile=cfg.train.compile)
 
     rows_per_step = cfg.train.batch_size * cfg.train.grad_accum  # global, whatever the world size
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * n_train / rows_per_step))
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay,
                                 (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)
-    metrics = MetricsLog(run_dir)
+    scratch = tempfile.TemporaryDirectory()  # ranks > 0 log into a throwaway folder
+    metrics = MetricsLog(run_dir if rank == 0 else Path(scratch.name))
     step = 0
-    latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, cfg.model.finetune)
+        state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, cfg.model.finetune,
+                                     weights=False)
         step = state["step"]  # the data position: step_rows is a pure function of the step
         metrics.truncate_after(step)
         log(f"resumed from {latest} (step {step}, {step * rows_per_step} rows seen)")
@@ -281,8 +319,9 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
         first = next((r for r in metrics.records if r.get("kind") == "eval"), None)
         before = (first["eval_loss"], first["eval_ppl"]) if first else None
 
+    demo_base = demo.score_base(model, tok, template, demo_held, cfg, log) if demo_held and step == 0 else None
     gen_cfg = {"eos_token_id": stop_ids(tok, template)}
-    t_start, tokens_done = time.perf_counter(), 0
+    t_start, tokens_done, bad_steps = time.perf_counter(), 0, 0
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
     while step < total_steps and (stop_after is None or step < stop_after):
         t0 = time.perf_counter()
@@ -293,16 +332,29 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
         loss_sum = forward_backward(model, batches, D.loss_scale(n_step), chunk)
         grad_norm = D.clip_grad_norm([p for p in model.parameters() if p.requires_grad],
                                      cfg.optim.grad_clip)
+        loss_sum = D.all_reduce_sum(loss_sum, device)
+        loss, dt = loss_sum / max(n_step, 1), time.perf_counter() - t0
+        step += 1
+        tokens_done += n_step
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # An overflow or a poisoned batch: one update with NaN/Inf gradients would make every
+            # weight NaN for good. Skip it (the weights stay as they were); stop if it keeps on.
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            metrics.log(kind="skipped", step=step, loss=loss, grad_norm=grad_norm)
+            if bad_steps > cfg.train.max_bad_steps:
+                bar.close()
+                raise SFTError(f"step {step}: loss {loss}, grad norm {grad_norm}: {bad_steps} non-finite "
+                               f"steps, more than train.max_bad_steps={cfg.train.max_bad_steps}; lower "
+                               "optim.lr or check the data (saved checkpoints are intact)")
+            bar.write(f"step {step}: loss {loss}, grad norm {grad_norm}: update skipped "
+                      f"({bad_steps} of train.max_bad_steps={cfg.train.max_bad_steps})")
+            bar.update(1)
+            continue
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        step += 1
-        loss_sum = D.all_reduce_sum(loss_sum, device)
-        loss, dt = loss_sum / max(n_step, 1), time.perf_counter() - t0
-        tokens_done += n_step
-        if not math.isfinite(loss):
-            raise SFTError(f"step {step}: loss is {loss}; lower optim.lr or check the data")
         if step % cfg.train.log_every == 0 or step == total_steps:
             metrics.log(kind="train", step=step, epoch=step * rows_per_step / n_train, loss=loss,
                         lr=lr, grad_norm=grad_norm, tokens_per_s=n_step / dt, trainable_tokens=int(n_step))
@@ -312,12 +364,13 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
             el, ep = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device)
             metrics.log(kind="eval", step=step, eval_loss=el, eval_ppl=ep)
             bar.write(f"step {step}: held-out loss {el:.4f}  ppl {ep:.2f}")
-        if cfg.run.save_every and step % cfg.run.save_every == 0 and rank == 0:
+        if cfg.run.save_every and step % cfg.run.save_every == 0:  # every rank: collective
             ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
                                  {"step": step, "rows_seen": step * rows_per_step}, tokenizer=tok,
                                  finetune=cfg.model.finetune, keep_last_n=cfg.run.keep_last_n,
                                  generation_config=gen_cfg)
-            write_loss_svg(metrics.records, run_dir / "loss.svg")
+            if rank == 0:
+                write_loss_svg(metrics.records, run_dir / "loss.svg")
     bar.close()
     elapsed = time.perf_counter() - t_start
     summary = {"run_dir": str(run_dir), "steps": step, "trainable_tokens": int(tokens_done),
@@ -330,19 +383,25 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
     if after:
         metrics.log(kind="eval", step=step, eval_loss=after[0], eval_ppl=after[1])
         summary["eval_after"] = after[0]
+    final = ckpt.save_final(run_dir, model, tok, cfg.model.finetune, gen_cfg)  # every rank
+    summary["final"] = str(final)
+    if cfg.lora.save_merged and cfg.model.finetune != "full" and rank == 0:
+        summary["merged"] = str(export_merged(cfg, final, run_dir / "merged", tok, gen_cfg))
     if rank == 0:
         write_loss_svg(metrics.records, run_dir / "loss.svg")
-        final = ckpt.save_final(run_dir, model, tok, cfg.model.finetune, gen_cfg)
-        summary["final"] = str(final)
-        if cfg.eval.sample_prompts and eval_convs:
-            for text in sample_answers(model, tok, template, eval_convs[:cfg.eval.sample_prompts],
-                                       cfg.eval.max_new_tokens, gen_cfg["eos_token_id"]):
-                log("sample (held-out prompt, greedy):\n" + text)
+    if world > 1 and cfg.eval.sample_prompts and eval_convs:
+        log(f"sample generation is skipped under torchrun; try: python eval.py --model {final}")
+    elif cfg.eval.sample_prompts and eval_convs:
+        for text in sample_answers(model, tok, template, eval_convs[:cfg.eval.sample_prompts],
+                                   cfg.eval.max_new_tokens, gen_cfg["eos_token_id"]):
+            log("sample (held-out prompt, greedy):\n" + text)
     metrics.close()
     held = (f"; held-out loss {before[0]:.4f} -> {after[0]:.4f} (ppl {before[1]:.2f} -> {after[1]:.2f})"
             if before and after else "")
     log(f"done: {step} steps, {tokens_done:,} trainable tokens in {elapsed:.1f}s "
         f"({summary['tokens_per_s']:,.0f} tok/s){held}; model: {summary.get('final', '-')}")
+    if demo_base is not None:  # before/after table, demo.svg, and the demo's last line (JSON)
+        summary["demo"] = demo.finish(model, tok, template, demo_held, demo_base, cfg, run_dir, t_begin)
     return summary
 
 
@@ -357,13 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
     args = parser.parse_args(argv)
     try:
-        train(load_config(args.config, args.overrides))
-    except SFTError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return run_cli(lambda: train(load_config(args.config, args.overrides)), args.debug)
+    finally:
+        D.teardown()
 
 
 if __name__ == "__main__":

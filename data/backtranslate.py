@@ -270,13 +270,13 @@ def counts_table(counts: dict[str, Counter]) -> str:
 
 def build_demo_data(model_path: str, tok, out_dir: str | os.PathLike, mix: str = "", mix_records: int = 0,
                     per_topic: int = 8, per_text: int = 4, heldout_per_type: int = 6, seed: int = 0,
-                    log=print) -> tuple[Path, Path]:
+                    ids: list[str] | None = None, log=print) -> tuple[Path, Path]:
     """Teacher texts -> verified pairs (+ the first `mix_records` real conversations of `mix`, 0: all)
     -> out_dir/demo_train.jsonl, and the held-out items -> out_dir/demo_heldout.jsonl."""
     model = load_pretrained(model_path).eval()
     with torch.no_grad():
         texts = teacher_texts(model, tok, TRAIN_TOPICS, per_topic, seed)
-    pairs, counts = build_pairs(texts, seed, per_text)
+    pairs, counts = build_pairs(texts, seed, per_text, ids)
     log(f"back-translation: {len(texts)} teacher texts from {model_path}, "
         f"{len(pairs)} verified pairs\n{counts_table(counts)}")
     # one layout for both sources (openai "messages"), whatever format the real file is in
@@ -285,7 +285,7 @@ def build_demo_data(model_path: str, tok, out_dir: str | os.PathLike, mix: str =
     records = pairs + real
     random.Random(seed).shuffle(records)
     train = write_jsonl(Path(out_dir) / "demo_train.jsonl", records)
-    held = write_jsonl(Path(out_dir) / "demo_heldout.jsonl", heldout_items(heldout_per_type, seed))
+    held = write_jsonl(Path(out_dir) / "demo_heldout.jsonl", heldout_items(heldout_per_type, seed, ids))
     log(f"wrote {train} ({len(pairs)} constraint pairs + {len(real)} records of {mix or 'nothing'}) "
         f"and {held} (held-out topics, tasks, wordings and values)")
     return train, held

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from data import filters as F
 from data.teacher import teacher_from_config
-from model.errors import SFTError
+from model.errors import SFTError, read_text, run_cli
 
 FILTER_KEYS = {
     "exact_dedup": set(),
@@ -50,15 +50,26 @@ def _model_and_tokenizer(folder: str):
     return load_pretrained(folder, dtype=torch.float32).eval(), Tokenizer.from_pretrained(folder)
 
 
-def run_step(records: list[dict], step: dict, cfg: dict, where: str):
-    """Apply one `[[filters]]` table; returns (kept, rejects)."""
+def check_step(step: dict, cfg: dict, where: str) -> None:
+    """Refuse a bad `[[filters]]` table before any step runs: a typo in step 3 writes nothing."""
     kind = step.get("type")
     if kind not in FILTER_KEYS:
         raise SFTError(f"{where}: unknown filter type {kind!r}; known: {', '.join(FILTER_KEYS)}")
-    opts = {k: v for k, v in step.items() if k != "type"}
-    unknown = set(opts) - FILTER_KEYS[kind]
+    unknown = set(step) - FILTER_KEYS[kind] - {"type"}
     if unknown:
         raise SFTError(f"{where}: unknown keys {sorted(unknown)} for {kind}; known: {sorted(FILTER_KEYS[kind])}")
+    if kind == "length" and step.get("max_total_tokens") and "model_dir" not in step:
+        raise SFTError(f"{where}: max_total_tokens needs model_dir = <folder with the tokenizer>")
+    if kind == "perplexity" and "model_dir" not in step:
+        raise SFTError(f"{where}: the perplexity filter needs model_dir")
+    if kind == "judge" and "teacher" not in cfg:
+        raise SFTError(f"{where}: the judge filter needs a [teacher] table")
+
+
+def run_step(records: list[dict], step: dict, cfg: dict):
+    """Apply one `[[filters]]` table (already checked); returns (kept, rejects)."""
+    kind = step["type"]
+    opts = {k: v for k, v in step.items() if k != "type"}
     if kind == "exact_dedup":
         return F.exact_dedup(records)
     if kind == "near_dedup":
@@ -67,16 +78,10 @@ def run_step(records: list[dict], step: dict, cfg: dict, where: str):
         from model import Tokenizer
         folder = opts.pop("model_dir", None)
         tok = Tokenizer.from_pretrained(folder) if folder else None
-        if opts.get("max_total_tokens") and tok is None:
-            raise SFTError(f"{where}: max_total_tokens needs model_dir = <folder with the tokenizer>")
         return F.length_filter(records, tokenizer=tok, **opts)
     if kind == "perplexity":
-        if "model_dir" not in opts:
-            raise SFTError(f"{where}: the perplexity filter needs model_dir")
         model, tok = _model_and_tokenizer(opts.pop("model_dir"))
         return F.perplexity_filter(records, model, tok, **opts)
-    if "teacher" not in cfg:
-        raise SFTError(f"{where}: the judge filter needs a [teacher] table")
     out = Path(cfg["output_dir"])
     teacher = teacher_from_config(cfg["teacher"], cache_path=str(out / "judge_cache.jsonl"))
     return F.judge_filter(records, teacher, **opts)
@@ -84,19 +89,24 @@ def run_step(records: list[dict], step: dict, cfg: dict, where: str):
 
 def run(config_path: str) -> list[tuple[str, int, int, int]]:
     try:
-        cfg = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+        cfg = tomllib.loads(read_text(config_path, "filter config (TOML)"))
     except tomllib.TOMLDecodeError as e:
         raise SFTError(f"{config_path}: invalid TOML ({e})") from None
     for key in ("input", "output_dir", "filters"):
         if key not in cfg:
             raise SFTError(f"{config_path}: missing key {key!r}")
+    steps = cfg["filters"]
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise SFTError(f"{config_path}: 'filters' must be [[filters]] tables")
+    for n, step in enumerate(steps, 1):
+        check_step(step, cfg, f"{config_path} [[filters]] #{n}")
     out = Path(cfg["output_dir"])
     records = F.read_records(cfg["input"])
     table = [("input", len(records), len(records), 0)]
-    for n, step in enumerate(tqdm(cfg["filters"], desc="filters"), 1):
-        name = f"{n:02d}_{step.get('type')}"
+    for n, step in enumerate(tqdm(steps, desc="filters"), 1):
+        name = f"{n:02d}_{step['type']}"
         before = len(records)
-        records, rejects = run_step(records, step, cfg, f"{config_path} [[filters]] #{n}")
+        records, rejects = run_step(records, step, cfg)
         F.write_filter_output(out, name, records, rejects)
         table.append((name, before, len(records), len(rejects)))
     F.write_jsonl_atomic(out / "kept.jsonl", records)
@@ -110,16 +120,9 @@ def run(config_path: str) -> list[tuple[str, int, int, int]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--debug", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = ap.parse_args(argv)
-    try:
-        run(args.config)
-    except SFTError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args.config), args.debug)
 
 
 if __name__ == "__main__":

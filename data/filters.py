@@ -28,6 +28,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from data import formats
 from data.dedup import exact_duplicates, near_duplicates
 from model.errors import SFTError
 
@@ -223,22 +224,8 @@ def judge_filter(records: list[dict], teacher, min_score: float = 3.0,
 # ------------------------------------------------------------------------------- I/O
 
 def read_records(path: str | Path) -> list[dict]:
-    """Records of a JSON array or JSONL file, unchanged."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SFTError(f"{path}:{n}: invalid JSON ({e.msg}); fix or remove the line") from None
-    if not all(isinstance(r, dict) for r in rows):
-        raise SFTError(f"{path}: every record must be a JSON object")
-    return rows
+    """Records of a JSON array or JSONL file, unchanged (read and checked by data.formats)."""
+    return [record for _, record in formats.read_records(path)]
 
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:

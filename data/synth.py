@@ -292,9 +292,9 @@ def run(config_path: str) -> dict:
 
     from data.filters import read_records
     from data.teacher import teacher_from_config
-    from model.errors import SFTError
+    from model.errors import SFTError, read_text
     try:
-        cfg = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+        cfg = tomllib.loads(read_text(config_path, "synthesis config (TOML)"))
     except tomllib.TOMLDecodeError as e:
         raise SFTError(f"{config_path}: invalid TOML ({e})") from None
     if "teacher" not in cfg or "output_dir" not in cfg:
@@ -323,18 +323,13 @@ def run(config_path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
-    from model.errors import SFTError
+    from model.errors import run_cli
     ap = argparse.ArgumentParser(description="synthesise instruction data with a teacher")
     ap.add_argument("--config", required=True)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = ap.parse_args(argv)
-    try:
-        run(args.config)
-    except SFTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args.config), args.debug)
 
 
 if __name__ == "__main__":

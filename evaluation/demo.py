@@ -16,9 +16,12 @@ The report is a before/after table per constraint type, an SVG of the same bars
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
+
+from data.backtranslate import build_demo_data
 
 from evaluation.generation import EvalModel
 from evaluation.ifeval import evaluate_ifeval
@@ -73,3 +76,34 @@ def write_demo_report(base: dict, tuned: dict, run_dir: str | Path, seconds: flo
     print(f"chart: {run_dir / 'demo.svg'}; responses: {run_dir / 'demo.json'}")
     print(json.dumps(line))
     return line
+
+
+# ---- the three calls train.py makes when [demo] backtranslate = true ----
+
+def prepare_data(cfg, tok, log=print) -> Path:
+    """Build the training set + held-out items in <out_dir>/<name>-data/ and point data.train at it.
+
+    A sibling of the run folder, because the run folder is (re)created only after the data is read.
+    """
+    d = cfg.demo
+    train, held = build_demo_data(cfg.model.path, tok, Path(cfg.run.out_dir) / f"{cfg.run.name}-data",
+                                  mix=d.mix, mix_records=d.mix_records, per_topic=d.texts_per_topic,
+                                  per_text=d.pairs_per_text, heldout_per_type=d.heldout_per_type,
+                                  seed=cfg.run.seed, ids=list(d.constraints) or None, log=log)
+    cfg.data.train = str(train)
+    return held
+
+
+def score_base(model, tok, template: str, held: Path, cfg, log=print) -> dict:
+    """Held-out pass rate before the first step (LoRA B = 0: the base model itself)."""
+    t = time.perf_counter()
+    result = constraint_eval(model, tok, template, held, cfg.demo.max_new_tokens)
+    log(f"held-out constraints before: pass rate {result['metrics']['prompt_strict']:.3f} "
+        f"({result['metrics']['n_prompts']} prompts, {time.perf_counter() - t:.0f}s)")
+    return result
+
+
+def finish(model, tok, template: str, held: Path, base: dict, cfg, run_dir, t_begin: float) -> dict:
+    """Score the tuned model; print the table, write demo.svg/demo.json, print the JSON line."""
+    tuned = constraint_eval(model, tok, template, held, cfg.demo.max_new_tokens)
+    return write_demo_report(base, tuned, run_dir, time.perf_counter() - t_begin)

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from data.constraints import check_instruction, check_loose
-from model.errors import SFTError
+from model.errors import SFTError, read_text
 
 REQUIRED_KEYS = ("prompt", "instruction_id_list", "kwargs")
 
@@ -35,7 +35,7 @@ def load_ifeval(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise SFTError(f"{path}: IFEval file not found (expected ifeval_input_data.jsonl)")
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "IFEval file").splitlines(), 1):
         if not line.strip():
             continue
         try:

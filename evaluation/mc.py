@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from model.errors import SFTError
+from model.errors import SFTError, read_text
 
 LETTERS = "ABCDEFGHIJ"
 REQUIRED_KEYS = ("question", "choices", "answer_index")
@@ -55,7 +55,7 @@ def load_mc_items(path: str | Path, limit: int | None = None, seed: int = 0) -> 
     if not path.is_file():
         raise SFTError(f"{path}: multiple-choice file not found (expected JSONL like mmlu_test.jsonl)")
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "multiple-choice file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -66,7 +66,7 @@ def load_mc_items(path: str | Path, limit: int | None = None, seed: int = 0) -> 
         if missing:
             raise SFTError(f"{path}:{lineno}: missing key(s) {missing}; each line needs "
                            f"{list(REQUIRED_KEYS)}")
-        if not 0 <= int(item["answer_index"]) < len(item["choices"]):
+        if not isinstance(item["answer_index"], int) or not 0 <= item["answer_index"] < len(item["choices"]):
             raise SFTError(f"{path}:{lineno}: answer_index {item['answer_index']} is outside "
                            f"the {len(item['choices'])} choices")
         items.append(item)

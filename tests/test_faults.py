@@ -129,9 +129,9 @@ def poison_steps(monkeypatch, is_bad, value: float = float("nan")) -> None:
     every gradient with `value`, as an overflow or a corrupt batch would."""
     real, calls = T.forward_backward, [0]
 
-    def poisoned(model, batches, step_tokens, chunk, grad_scale=1.0):
+    def poisoned(model, *args, **kwargs):
         calls[0] += 1
-        loss = real(model, batches, step_tokens, chunk, grad_scale)
+        loss = real(model, *args, **kwargs)
         if not is_bad(calls[0]):
             return loss
         for p in model.parameters():

@@ -183,3 +183,20 @@ def test_lr_warms_up_linearly_then_follows_cosine_to_the_floor():
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(f[4:], f[5:]))  # non-increasing after warmup
     assert f[9] == pytest.approx(0.55) and f[14] == pytest.approx(0.1)
+
+
+def test_qlora_run_saves_a_peft_adapter_and_a_merged_model_with_the_same_logits(tmp_path, tiny_dir):
+    from lora import load_adapter
+    from model.nf4 import load_quantized
+
+    cfg = cfg_for(tmp_path, tiny_dir, "qlora", "model.finetune=qlora", "lora.save_merged=true",
+                  "train.max_steps=2", "optim.lr=3e-2")
+    T.train(cfg)
+    run = tmp_path / "qlora"
+    assert (run / "final" / "adapter_config.json").exists()
+    adapted = load_adapter(load_quantized(tiny_dir, compute_dtype=torch.float32), run / "final")
+    merged = load_pretrained(run / "merged")
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        assert (adapted(ids) - load_quantized(tiny_dir, compute_dtype=torch.float32)(ids)).abs().max() > 0
+        assert torch.allclose(merged(ids), adapted(ids), atol=1e-5)

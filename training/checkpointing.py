@@ -24,6 +24,7 @@ bit-identical to an uninterrupted run (tests/test_train.py checks it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -35,6 +36,7 @@ import torch
 
 from model.checkpoint import load_pretrained, save_pretrained
 from model.errors import SFTError
+from training import distributed as D
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -73,7 +75,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    # numpy's key array is stored as a tensor: the state file then holds only tensors, numbers,
+    # strings and tuples, which torch.load(weights_only=True) reads without unpickling code
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -82,20 +88,28 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_weights(model: torch.nn.Module, folder: Path, tokenizer=None, finetune: str = "full",
-                 generation_config: dict | None = None) -> None:
+                 generation_config: dict | None = None, state_dict: dict | None = None) -> None:
     """What a checkpoint keeps of the model: the full HF model, or (LoRA) the adapter."""
     if finetune == "full":
-        save_pretrained(model, folder, tokenizer=tokenizer, generation_config=generation_config)
+        save_pretrained(model, folder, tokenizer=tokenizer, generation_config=generation_config,
+                        state_dict=state_dict)
     else:
         from lora import save_adapter  # issue 6 seam: adapters only, PEFT layout
-        save_adapter(model, folder)
+        save_adapter(model, folder, state_dict=state_dict)
+
+
+def gather_weights(model: torch.nn.Module, finetune: str) -> dict:
+    """Full tensors of what save_weights writes, on rank 0 ({} elsewhere). Every rank must call
+    it: under FSDP it all-gathers the shards (LoRA: only the adapters, never the frozen base)."""
+    return D.full_model_state_dict(model, trainable_only=finetune != "full")
 
 
 def load_weights(model: torch.nn.Module, folder: Path, finetune: str = "full") -> None:
@@ -118,6 +132,16 @@ def _atomic_dir(run_dir: Path, name: str) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path):
+    """Delete the half-written `tmp` if writing fails (a full disk must get its space back)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         trash = final.with_name(f".trash-{final.name}")
@@ -135,15 +159,22 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
                     extra: dict | None = None) -> Path:
     """Write step_<step>/ atomically, then prune to the newest keep_last_n (0: keep all)."""
     run_dir = Path(run_dir)
-    tmp = _atomic_dir(run_dir, f"step_{step}")
-    save_weights(model, tmp, tokenizer, finetune, generation_config)
-    state = {"step": step, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": rng_state(),
-             "data_position": data_position, **(extra or {})}
-    torch.save(state, tmp / STATE_FILE)
     final = run_dir / f"step_{step}"
-    _replace_dir(tmp, final)
-    prune(run_dir, keep_last_n)
+    # every rank gathers (collective); the optimizer state is keyed by parameter name, so any
+    # number of processes can load it. Rank 0 alone writes.
+    weights = gather_weights(model, finetune)
+    optim = D.full_optimizer_state_dict(model, optimizer)
+    if D.rank() == 0:
+        tmp = _atomic_dir(run_dir, f"step_{step}")
+        state = {"step": step, "optimizer": optim,
+                 "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                 "data_position": data_position, **(extra or {})}
+        with _removed_on_failure(tmp):
+            save_weights(model, tmp, tokenizer, finetune, generation_config, weights)
+            torch.save(state, tmp / STATE_FILE)
+        _replace_dir(tmp, final)
+        prune(run_dir, keep_last_n)
+    D.barrier()
     return final
 
 
@@ -157,15 +188,23 @@ def prune(run_dir: Path, keep_last_n: int) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
-                    finetune: str = "full") -> dict:
-    """Restore model, optimizer, scheduler and RNG from step_N/; returns the saved state."""
+                    finetune: str = "full", weights: bool = True) -> dict:
+    """Restore model, optimizer, scheduler and RNG from step_N/; returns the saved state.
+
+    weights=False: the caller loaded them already (train.py does, before FSDP shards the model).
+    """
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise SFTError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
-    load_weights(model, path, finetune)
-    # weights_only=False: the RNG states hold numpy arrays and tuples; this is our own file
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if weights:
+        load_weights(model, path, finetune)
+    # weights_only=True: a checkpoint folder may come from anywhere, and a full unpickler runs code
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SFTError(f"{path / STATE_FILE}: not a trainer state this version can read "
+                       f"({str(e).strip().splitlines()[0]})") from None
+    D.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state
@@ -173,9 +212,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
 
 def save_final(run_dir: Path, model: torch.nn.Module, tokenizer=None, finetune: str = "full",
                generation_config: dict | None = None) -> Path:
-    """The finished model in HF layout under <run_dir>/final/, written atomically."""
-    tmp = _atomic_dir(Path(run_dir), "final")
-    save_weights(model, tmp, tokenizer, finetune, generation_config)
+    """The finished model in HF layout under <run_dir>/final/, written atomically by rank 0
+    (every rank must call it: the weights are gathered from all of them)."""
     final = Path(run_dir) / "final"
-    _replace_dir(tmp, final)
+    weights = gather_weights(model, finetune)
+    if D.rank() == 0:
+        tmp = _atomic_dir(Path(run_dir), "final")
+        with _removed_on_failure(tmp):
+            save_weights(model, tmp, tokenizer, finetune, generation_config, weights)
+        _replace_dir(tmp, final)
+    D.barrier()
     return final

@@ -28,7 +28,7 @@ from typing import Any, get_type_hints
 
 from data.masking import STRATEGIES
 from data.templates import TEMPLATES
-from model.errors import SFTError
+from model.errors import SFTError, read_text
 
 
 def opt(default: Any, help: str) -> Any:
@@ -77,7 +77,11 @@ class TrainConfig:
     epochs: float = opt(1.0, "passes over the training rows (used when max_steps is 0)")
     max_steps: int = opt(0, "optimizer steps; 0: derived from epochs")
     loss_chunk: int = opt(1024, "tokens per chunk of the output head + cross-entropy")
+    activation_checkpointing: bool = opt(False, "recompute each block in backward: about 1/3 "
+                                         "more compute for a fraction of the activation memory")
+    compile: bool = opt(False, "torch.compile each transformer block (slow first steps)")
     log_every: int = opt(1, "write a metrics.jsonl line every N steps")
+    max_bad_steps: int = opt(5, "NaN/Inf steps skipped before the run stops (0: stop at the first)")
 
 
 @dataclass
@@ -106,6 +110,20 @@ class LoraConfig:
     alpha: float = opt(16.0, "LoRA scale numerator: the update is scaled by alpha / r")
     dropout: float = opt(0.0, "dropout on the LoRA input")
     targets: list = opt(["q_proj", "v_proj"], "module names that get adapters")
+    save_merged: bool = opt(False, "also write <run>/merged/: base + adapter as one full HF model")
+
+
+@dataclass
+class DemoConfig:
+    backtranslate: bool = opt(False, "the offline demo: build data.train from the base model's own texts "
+                              "(data/backtranslate.py) and score held-out constraints before/after")
+    constraints: list = opt([], "IFEval instruction ids to teach and test (empty: all in data/demo_wordings.py)")
+    mix: str = opt("", "real instruction data mixed into the built training set")
+    mix_records: int = opt(0, "use only the first N conversations of mix (0: all)")
+    texts_per_topic: int = opt(8, "teacher texts sampled per training topic")
+    pairs_per_text: int = opt(4, "constraints derived from each teacher text")
+    heldout_per_type: int = opt(10, "held-out evaluation prompts per constraint type")
+    max_new_tokens: int = opt(96, "greedy tokens per held-out answer")
 
 
 @dataclass
@@ -117,6 +135,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 CHOICES = {
@@ -203,10 +222,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     cfg = Config()
     if path is not None:
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise SFTError(f"config file not found: {path}") from None
+            data = tomllib.loads(read_text(path, "config file"))
         except tomllib.TOMLDecodeError as e:
             raise SFTError(f"{path}: not valid TOML: {e}") from None
         for section, table in data.items():
@@ -230,12 +246,19 @@ def validate(cfg: Config) -> None:
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (cfg.train.loss_chunk >= 1, "train.loss_chunk must be >= 1"),
+        (cfg.train.max_steps >= 0 and cfg.train.epochs >= 0, "train.max_steps and train.epochs must be >= 0"),
         (cfg.train.max_steps > 0 or cfg.train.epochs > 0, "set train.max_steps or train.epochs > 0"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.max_bad_steps >= 0, "train.max_bad_steps must be >= 0"),
         (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
         (cfg.data.max_seq_len >= 8, "data.max_seq_len must be >= 8"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
         (cfg.run.keep_last_n >= 0, "run.keep_last_n must be >= 0"),
+        (cfg.run.save_every >= 0, "run.save_every must be >= 0"),
+        (cfg.data.max_records >= 0, "data.max_records must be >= 0"),
+        (cfg.lora.r >= 1, "lora.r (the LoRA rank) must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:

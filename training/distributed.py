@@ -73,15 +73,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def launched_by_torchrun() -> bool:
-    """True when torchrun (or any launcher) set WORLD_SIZE > 1 for this process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Open the process group from torchrun's environment; one process: no group, rank 0.
@@ -159,7 +150,7 @@ def shard_model(model: nn.Module, mixed_precision: bool, activation_checkpointin
 
     Order matters: checkpointing and compile wrap the block's forward first, so FSDP's
     all-gather hooks stay outside them (the recompute in backward sees unsharded weights).
-    mixed_precision: compute in bf16 from fp32 shards, reduce in fp32 (meant for CUDA).
+    mixed_precision: compute in bf16 from fp32 shards, reduce gradients in fp32 (bf16 runs).
     In one process (no process group) only checkpointing/compile are applied.
     """
     if activation_checkpointing:
@@ -177,7 +168,8 @@ def shard_model(model: nn.Module, mixed_precision: bool, activation_checkpointin
     for block in model.layers:
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                     ignored_params=ignored)
-    # The root's parameters are needed again right after forward (tied head), keep them.
+    # The root's parameters (embedding, final norm, head) are used again right after forward:
+    # the chunked loss calls lm_head outside forward. Keep them gathered until backward.
     fully_shard(model, mp_policy=mp, reshard_after_forward=False, ignored_params=ignored)
     return model
 

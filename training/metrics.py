@@ -25,7 +25,11 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.records: list[dict] = []
         if self.path.exists():
-            self.records = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+            for line in self.path.read_text().splitlines():
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a crash; truncate_after drops it
+                    continue
         self._file = open(self.path, "a", buffering=1)
 
     def truncate_after(self, step: int) -> None:
