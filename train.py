@@ -415,10 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of SFTError")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
     args = parser.parse_args(argv)
+    status = 1
     try:
-        return run_cli(lambda: train(load_config(args.config, args.overrides)), args.debug)
+        status = run_cli(lambda: train(load_config(args.config, args.overrides)), args.debug)
+        return status
     finally:
-        D.teardown()
+        D.teardown(clean=status == 0)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ how the checkers are compared against the reference implementation.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from data.constraints import check_instruction, check_loose
-from model.errors import SFTError, read_text
+from model.errors import SFTError, read_jsonl_objects
 
 REQUIRED_KEYS = ("prompt", "instruction_id_list", "kwargs")
 
@@ -35,13 +34,7 @@ def load_ifeval(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise SFTError(f"{path}: IFEval file not found (expected ifeval_input_data.jsonl)")
     items = []
-    for lineno, line in enumerate(read_text(path, "IFEval file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SFTError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, rec in read_jsonl_objects(path, "IFEval file"):
         missing = [k for k in REQUIRED_KEYS if k not in rec]
         if missing:
             raise SFTError(f"{path}:{lineno}: missing key(s) {missing}; IFEval lines need {list(REQUIRED_KEYS)}")

@@ -25,12 +25,11 @@ better", then "tie".
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable
 
-from model.errors import SFTError, read_text
+from model.errors import SFTError, read_jsonl_objects
 
 SYSTEM_PAIR = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -97,15 +96,7 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise SFTError(f"{path}: judge question file not found (e.g. mt_bench_question.jsonl)")
     out = []
-    for lineno, line in enumerate(read_text(path, "JSONL file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SFTError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise SFTError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    for lineno, rec in read_jsonl_objects(path):
         turns = rec.get("turns") or [rec.get("prompt") or rec.get("instruction")]
         if not all(isinstance(t, str) and t for t in turns):
             raise SFTError(f"{path}:{lineno}: needs 'turns' (list of str) or 'prompt'/'instruction'")
@@ -121,15 +112,7 @@ def load_reference_answers(path: str | Path) -> dict:
     if not path.is_file():
         raise SFTError(f"{path}: reference answer file not found")
     out = {}
-    for lineno, line in enumerate(read_text(path, "JSONL file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SFTError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise SFTError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    for lineno, rec in read_jsonl_objects(path):
         if "question_id" not in rec:
             raise SFTError(f"{path}:{lineno}: missing 'question_id'")
         turns = (rec["choices"][0]["turns"] if rec.get("choices") else

@@ -33,13 +33,12 @@ materialises (B, T, V) logits: we gather (N_cont_tokens, D) rows, then (N_cont_t
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
 
-from model.errors import SFTError, read_text
+from model.errors import SFTError, read_jsonl_objects
 
 LETTERS = "ABCDEFGHIJ"
 REQUIRED_KEYS = ("question", "choices", "answer_index")
@@ -55,13 +54,7 @@ def load_mc_items(path: str | Path, limit: int | None = None, seed: int = 0) -> 
     if not path.is_file():
         raise SFTError(f"{path}: multiple-choice file not found (expected JSONL like mmlu_test.jsonl)")
     items = []
-    for lineno, line in enumerate(read_text(path, "multiple-choice file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SFTError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, item in read_jsonl_objects(path, "multiple-choice file"):
         missing = [k for k in REQUIRED_KEYS if k not in item]
         if missing:
             raise SFTError(f"{path}:{lineno}: missing key(s) {missing}; each line needs "

@@ -13,10 +13,11 @@ wrapper every command shares.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 class SFTError(ValueError):
@@ -44,6 +45,22 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
         line = data.count(b"\n", 0, e.start) + 1
         raise SFTError(f"{path} line {line}: byte 0x{data[e.start]:02x} is not UTF-8 (latin-1 or "
                        "cp1252?); re-save the file as UTF-8") from None
+
+
+def read_jsonl_objects(path: str | os.PathLike, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not valid
+    JSON or not a JSON object is an SFTError naming the file and line."""
+    path = Path(path)
+    for lineno, line in enumerate(read_text(path, what).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SFTError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise SFTError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
 
 
 def run_cli(command: Callable[[], object], debug: bool = False) -> int:

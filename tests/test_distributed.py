@@ -107,7 +107,7 @@ def run(spec: dict) -> dict:
     final = D.full_model_state_dict(model)
     if info.is_main and spec.get("out"):
         torch.save({"losses": losses, "norms": norms, "weights": final}, spec["out"])
-    D.teardown()
+    D.teardown(clean=True)
     return {"losses": losses, "norms": norms, "weights": final}
 
 

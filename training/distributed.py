@@ -94,13 +94,17 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
-def teardown() -> None:
+def teardown(clean: bool = False) -> None:
     """Close the process group (a no-op in one process); call once, at the end of the run.
 
-    No barrier here: on an error path the other ranks may already be gone, and torchrun stops
-    the whole group when one process fails.
+    After a clean finish every rank first waits for the others: destroying the group while a
+    peer still has gloo work in flight aborts that process ("terminate called without an active
+    exception"). No barrier on an error path: the other ranks may already be gone, and torchrun
+    stops the whole group when one process fails.
     """
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
