@@ -174,9 +174,8 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         x, weight, r = ctx.saved_tensors
         xhat = x.to(r.dtype) * r
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = (g.to(r.dtype) * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        dw = ((g.to(r.dtype) * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+              if ctx.needs_input_grad[1] else None)
         gw = (g * weight).to(r.dtype)
         dx = r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
         return dx.to(x.dtype), dw, None
@@ -456,8 +455,6 @@ class Transformer(nn.Module):
                 return
             yield step[0]
 
-    # ------------------------------------------------------------------------- vocabulary
-
     def resize_token_embeddings(self, new_size: int) -> None:
         """Grow (or shrink) the vocabulary; new rows of the embedding and of an untied head are
         the mean of the existing rows, so new tokens start as an "average" token, not noise."""
@@ -495,9 +492,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already >= p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
