@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 
 from data.constraints import INSTRUCTION_IDS, LANGUAGE_NAMES, check_instruction, describe_instruction
+from data.teacher import read_jsonl
 
 # ----------------------------------------------------------------------------- ROUGE-L
 
@@ -54,19 +55,6 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 
 # ---------------------------------------------------------------------------- JSONL I/O
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file (missing file: []; a torn last line is ignored)."""
-    path = Path(path)
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
 
 def append_jsonl(path: str | Path, row: dict) -> None:
     path = Path(path)

@@ -131,16 +131,23 @@ class Teacher:
         return texts
 
 
-def _read_cache(path: Path) -> dict[str, str]:
-    cache: dict[str, str] = {}
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a resumable JSONL output (missing file: []); a line torn by an interrupted run is
+    skipped, so the work it stood for is simply done again."""
+    path = Path(path)
+    rows = []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                row = json.loads(line)
-                cache[row["key"]] = row["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a torn line from an interrupted run
-    return cache
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    return {row["key"]: row["answer"] for row in read_jsonl(path)
+            if isinstance(row, dict) and "key" in row and "answer" in row}
 
 
 def _load_local(folder: str, template: str | None, device: str):
