@@ -166,11 +166,13 @@ def load_model(cfg: Config, device: torch.device) -> torch.nn.Module:
         model = load_pretrained(cfg.model.path, dtype=dtype, device=device)
     return trainable_parameters(model, cfg).train()
 
-def export_merged(cfg: Config, adapter_dir: Path, out: Path, tok, gen_cfg: dict) -> Path:
-    """Base + the saved adapter -> one full HF model, streamed tensor by tensor (NF4 weights are
-    dequantized layer by layer). Rebuilt from disk, so it is the same with or without FSDP."""
+def export_merged(model, cfg: Config, adapter_dir: Path, out: Path, tok, gen_cfg: dict) -> Path:
+    """Base + adapter -> one full HF model, streamed tensor by tensor (NF4 weights are dequantized
+    layer by layer). Under FSDP the adapters are sharded, so rank 0 rebuilds the base from disk
+    and loads the adapter just saved; in one process the trained model is merged as it stands."""
     from lora import load_adapter, save_merged
-    model = load_adapter(load_model(cfg, torch.device("cpu")), adapter_dir)
+    if D.world_size() > 1:
+        model = load_adapter(load_model(cfg, torch.device("cpu")), adapter_dir)
     save_merged(model, out, tok, generation_config=gen_cfg)
     return out
 
@@ -386,7 +388,7 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
     final = ckpt.save_final(run_dir, model, tok, cfg.model.finetune, gen_cfg)  # every rank
     summary["final"] = str(final)
     if cfg.lora.save_merged and cfg.model.finetune != "full" and rank == 0:
-        summary["merged"] = str(export_merged(cfg, final, run_dir / "merged", tok, gen_cfg))
+        summary["merged"] = str(export_merged(model, cfg, final, run_dir / "merged", tok, gen_cfg))
     if rank == 0:
         write_loss_svg(metrics.records, run_dir / "loss.svg")
     if world > 1 and cfg.eval.sample_prompts and eval_convs:
