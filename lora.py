@@ -147,7 +147,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or isinstance(module, Linear4bit)
+    return isinstance(module, (nn.Linear, Linear4bit))
 
 
 def hf_name(name: str) -> str:

@@ -130,7 +130,7 @@ def build_ours(model_name: str, mode: str, checkpointing: bool = False):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
-        forward_backward(model, [batch], 1.0 / n_tok, 1024)
+        forward_backward(model, [batch], 1.0 / n_tok, 0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=1024, help="train.loss_chunk")
+    p.add_argument("--chunk", type=int, default=0, help="train.loss_chunk (0 = auto)")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -52,6 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import SFTError
+from model.matmul import Linear
+from model.recompute import recompute_saved
 
 
 ROPE_SCALING_KEYS = {"linear": ["factor"],
@@ -251,10 +254,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
@@ -275,6 +278,10 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.silu(a) * b
+
+
 class _SwiGLUFn(torch.autograd.Function):
     """silu(a) * b, keeping only a and b (B, T, F) for backward; autograd would keep silu(a) too.
 
@@ -286,24 +293,30 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, b)
-        return F.silu(a) * b
+        return swiglu(a, b)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         a, b = ctx.saved_tensors
-        # the very kernels autograd would run for silu(a) * b, minus the saved silu(a)
-        return torch.ops.aten.silu_backward(g * b, a), g * F.silu(a)
+        # the very kernels autograd would run for silu(a) * b, minus the saved silu(a), each
+        # writing into a buffer it just made: two (B, T, F) temporaries at the peak, not four
+        db = F.silu(a).mul_(g)
+        gb = g * b
+        return torch.ops.aten.silu_backward.grad_input(gb, a, grad_input=gb), db
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(_SwiGLUFn.apply(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x, recompute: bool = True):
+        a, b = self.gate_proj(x), self.up_proj(x)
+        s = _SwiGLUFn.apply(a, b)
+        with recompute_saved(s, partial(swiglu, a, b), recompute):  # down_proj: recomputed s
+            return self.down_proj(s)
 
 
 class DecoderLayer(nn.Module):
@@ -313,10 +326,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.recompute = True  # False under whole-block checkpointing (model/recompute.py)
 
     def forward(self, h, cos, sin, mask, cache=None, layer=0):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x = self.input_layernorm(h)
+        with recompute_saved(x, partial(self.input_layernorm, h), self.recompute):  # keep h, not x
+            h = h + self.self_attn(x, cos, sin, mask, cache, layer)
+        x = self.post_attention_layernorm(h)
+        with recompute_saved(x, partial(self.post_attention_layernorm, h), self.recompute):
+            return h + self.mlp(x, self.recompute)
 
 
 def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
@@ -347,7 +365,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         for m in self.modules():  # HF's init: N(0, 0.02); a no-op on the meta device
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -461,7 +479,7 @@ class Transformer(nn.Module):
         old = self.embed_tokens.weight
         self.embed_tokens = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
         _copy_rows_then_mean(self.embed_tokens.weight, old)
-        head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
+        head = Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
         if self.config.tie_word_embeddings:
             head.weight = self.embed_tokens.weight
         else:

@@ -48,6 +48,8 @@ import math
 import torch
 from torch import nn
 
+from model.matmul import Linear, linear
+
 # bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")), exact fp32 values, ascending.
 NF4_CODE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -180,12 +182,12 @@ class _NF4Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, module: "Linear4bit") -> torch.Tensor:
         ctx.module = module
         ctx.save_for_backward(*module.quant_buffers())   # uint8 only: codes, scales as raw bytes
-        return x @ module.dequantize(x.dtype).t()
+        return linear(x, module.dequantize(x.dtype))              # x @ W^T (no grad in here)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         weight = ctx.module.dequantize_from(*ctx.saved_tensors, dtype=grad_out.dtype)
-        return grad_out @ weight, None                    # (..., out) @ (out, in) -> (..., in)
+        return linear(grad_out, weight.t()), None         # (..., out) @ (out, in) -> (..., in)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -250,9 +252,9 @@ class Linear4bit(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype)
 
-    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
-        """A plain nn.Linear holding the dequantized weight (for merging / exporting)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> Linear:
+        """A plain Linear holding the dequantized weight (for merging / exporting)."""
+        linear = Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight_nf4.device, dtype=dtype)
         with torch.no_grad():
             linear.weight.copy_(self.dequantize(torch.float32))
@@ -284,7 +286,7 @@ def quantize_model_linears(model: nn.Module, compute_dtype: torch.dtype = torch.
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and not skip(full):
+            if isinstance(child, nn.Linear) and not skip(full):
                 setattr(module, child_name, Linear4bit.from_linear(child, compute_dtype, double_quant))
     return model
 

@@ -43,3 +43,60 @@ def test_frozen_norm_weight_gets_no_gradient_but_input_does():
     w = torch.ones(8)  # frozen, as under LoRA
     _RMSNormFn.apply(x, w, 1e-5).sum().backward()
     assert x.grad is not None and w.grad is None
+
+
+# --------------------------------------------------------------------------- model/recompute.py
+
+def _tiny_model(seed=0):
+    from model.llama import Config, Transformer
+    torch.manual_seed(seed)
+    return Transformer(Config(vocab_size=96, hidden_size=32, intermediate_size=48,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+
+def _grads(model, recompute: bool, retain: bool = False):
+    from model.loss import masked_ce_sum
+    for layer in model.layers:
+        layer.recompute = recompute
+    model.zero_grad(set_to_none=True)
+    ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the same LoRA dropout masks in both runs
+    loss, _ = masked_ce_sum(model, model(ids, return_hidden=True), ids)
+    loss.backward(retain_graph=retain)
+    if retain:  # a second backward unpacks every saved tensor again: recomputed again
+        loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_recomputed_activations_give_bit_identical_gradients():
+    import lora
+    from model.nf4 import quantize_model_linears
+    full = _tiny_model()
+    with_lora = lora.apply_lora(_tiny_model(), r=4, targets="all-linear", dropout=0.1)
+    qlora = lora.apply_lora(quantize_model_linears(_tiny_model()), r=4, targets="all-linear")
+    for model in (full, with_lora, qlora):
+        for retain in (False, True):
+            kept, recomputed = _grads(model, False, retain), _grads(model, True, retain)
+            assert kept.keys() == recomputed.keys() and kept
+            for name in kept:
+                assert torch.equal(kept[name], recomputed[name]), name
+
+
+def test_norm_and_swiglu_outputs_are_not_kept_for_backward():
+    """The graph must not hold the RMSNorm / SwiGLU outputs (weakly referenced here) alive."""
+    import gc
+    import weakref
+    for recompute in (False, True):
+        model = _tiny_model()
+        refs = []
+        for layer in model.layers:
+            layer.recompute = recompute
+            for mod in (layer.input_layernorm, layer.post_attention_layernorm):
+                mod.register_forward_hook(lambda m, i, out: refs.append(weakref.ref(out)))
+            layer.mlp.down_proj.register_forward_pre_hook(lambda m, i: refs.append(weakref.ref(i[0])))
+        loss = model(torch.randint(0, 96, (2, 8)), return_hidden=True).sum()
+        gc.collect()
+        alive = sum(r() is not None for r in refs)
+        # 4 norm outputs and 2 SwiGLU outputs; recomputed ones are gone, kept ones live on
+        assert len(refs) == 6 and alive == (0 if recompute else 6), (recompute, alive)
+        loss.backward()

@@ -76,7 +76,7 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     epochs: float = opt(1.0, "passes over the training rows (used when max_steps is 0)")
     max_steps: int = opt(0, "optimizer steps; 0: derived from epochs")
-    loss_chunk: int = opt(1024, "tokens per chunk of the output head + cross-entropy")
+    loss_chunk: int = opt(0, "tokens per chunk of the output head + cross-entropy; 0 = auto (~8 MiB of logits)")
     activation_checkpointing: bool = opt(False, "recompute each block in backward: about 1/3 "
                                          "more compute for a fraction of the activation memory")
     compile: bool = opt(False, "torch.compile each transformer block (slow first steps)")
@@ -245,7 +245,7 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
-        (cfg.train.loss_chunk >= 1, "train.loss_chunk must be >= 1"),
+        (cfg.train.loss_chunk >= 0, "train.loss_chunk must be >= 0 (0 = auto)"),
         (cfg.train.max_steps >= 0 and cfg.train.epochs >= 0, "train.max_steps and train.epochs must be >= 0"),
         (cfg.train.max_steps > 0 or cfg.train.epochs > 0, "set train.max_steps or train.epochs > 0"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),

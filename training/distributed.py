@@ -146,6 +146,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
     """
     for block in model.layers:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.recompute = False  # the checkpoint keeps nothing inside the block: no recipes needed
 
 
 def shard_model(model: nn.Module, mixed_precision: bool, activation_checkpointing: bool = False,

@@ -35,8 +35,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
                     betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
     groups = [g for g in param_groups(model, weight_decay) if g["params"]]
-    # foreach: one fused kernel per group instead of a Python loop over tensors
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    # fused: one kernel updates each tensor in place; the default "foreach" implementation
+    # builds temporaries as large as all trainable weights (+420 MiB at the step for 110M params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
