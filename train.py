@@ -30,6 +30,7 @@ rank 0 (which alone writes), loadable by any number of processes.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import sys
@@ -156,7 +157,7 @@ def trainable_parameters(model: torch.nn.Module, cfg: Config) -> torch.nn.Module
 
 
 def load_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     if D.world_size() > 1:  # FSDP: fp32 master shards, bf16 compute via its MixedPrecisionPolicy
         dtype = torch.float32
     if cfg.model.finetune == "qlora":  # frozen base in NF4, quantized tensor by tensor as it is read
@@ -285,7 +286,7 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
     latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
     if latest is not None:  # weights go in before sharding, while every tensor is whole
         ckpt.load_weights(model, latest, cfg.model.finetune)
-    D.shard_model(model, mixed_precision=cfg.model.dtype == "bfloat16",
+    D.shard_model(model, mixed_precision=cfg.model.dtype != "float32",
                   activation_checkpointing=cfg.train.activation_checkpointing,
                   compile=cfg.train.compile)
 
@@ -312,9 +313,14 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
         f"{total_steps} steps of {cfg.train.grad_accum} x {cfg.train.batch_size} rows")
 
     chunk = cfg.train.loss_chunk
+    # bf16-mixed in one process: fp32 weights and AdamW state, matmuls in bf16 under autocast,
+    # loss in fp32 (model/loss.py upcasts the logits); under FSDP its MixedPrecisionPolicy does it
+    amp = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                            enabled=cfg.model.dtype == "bf16-mixed" and D.world_size() == 1)
     before = None
     if eval_rows is not None and step == 0:
-        before = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device)
+        with amp():
+            before = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device)
         log(f"held-out before: loss {before[0]:.4f}  ppl {before[1]:.2f}")
         metrics.log(kind="eval", step=0, eval_loss=before[0], eval_ppl=before[1])
     elif eval_rows is not None:  # resumed: the step-0 figure is in metrics.jsonl
@@ -331,7 +337,8 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
         batches = [to_device(train_rows, mb, device)
                    for mb in D.rank_micro_batches(rows, cfg.train.batch_size, rank, world)]
         n_step = D.global_token_count(sum(trainable_tokens(b) for b in batches), device)
-        loss_sum = forward_backward(model, batches, D.loss_scale(n_step), chunk)
+        with amp():
+            loss_sum = forward_backward(model, batches, D.loss_scale(n_step), chunk)
         grad_norm = D.clip_grad_norm([p for p in model.parameters() if p.requires_grad],
                                      cfg.optim.grad_clip)
         loss_sum = D.all_reduce_sum(loss_sum, device)
@@ -363,7 +370,8 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_step / dt:,.0f}")
         bar.update(1)
         if eval_rows is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-            el, ep = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device)
+            with amp():
+                el, ep = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device)
             metrics.log(kind="eval", step=step, eval_loss=el, eval_ppl=ep)
             bar.write(f"step {step}: held-out loss {el:.4f}  ppl {ep:.2f}")
         if cfg.run.save_every and step % cfg.run.save_every == 0:  # every rank: collective
@@ -381,7 +389,8 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
     if step < total_steps:  # stopped early on purpose: no final model
         metrics.close()
         return summary
-    after = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device) if eval_rows is not None else None
+    with amp():
+        after = evaluate(model, eval_rows, cfg.train.batch_size, chunk, device) if eval_rows is not None else None
     if after:
         metrics.log(kind="eval", step=step, eval_loss=after[0], eval_ppl=after[1])
         summary["eval_after"] = after[0]

@@ -200,3 +200,31 @@ def test_qlora_run_saves_a_peft_adapter_and_a_merged_model_with_the_same_logits(
     with torch.no_grad():
         assert (adapted(ids) - load_quantized(tiny_dir, compute_dtype=torch.float32)(ids)).abs().max() > 0
         assert torch.allclose(merged(ids), adapted(ids), atol=1e-5)
+
+
+def test_bf16_mixed_keeps_fp32_weights_and_state_but_computes_in_bf16(tmp_path, tiny_dir, monkeypatch):
+    seen, built = set(), []
+    real_linear = torch.nn.functional.linear
+
+    def spy(x, w, b=None):  # what the matmuls actually run in (autocast casts inside F.linear)
+        out = real_linear(x, w, b)
+        seen.add(out.dtype)
+        return out
+
+    real_build = T.build_optimizer
+
+    def keep(*a, **k):
+        built.append(real_build(*a, **k))
+        return built[-1]
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    monkeypatch.setattr(T, "build_optimizer", keep)
+    T.train(cfg_for(tmp_path, tiny_dir, "fp32"))
+    assert torch.bfloat16 not in seen
+    mixed = T.train(cfg_for(tmp_path, tiny_dir, "mixed", "model.dtype=bf16-mixed"))
+    assert torch.bfloat16 in seen
+    state = [s for st in built[-1].state.values() for s in st.values() if torch.is_tensor(s) and s.ndim]
+    assert state and {s.dtype for s in state} == {torch.float32}
+    assert {p.dtype for p in load_pretrained(mixed["final"]).parameters()} == {torch.float32}
+    a, b = train_losses(Path(tmp_path) / "fp32"), train_losses(Path(tmp_path) / "mixed")
+    assert a != b and all(abs(x - y) < 0.05 * x for x, y in zip(a, b))  # bf16 rounding, same run
+    assert mixed["eval_after"] < mixed["eval_before"]

@@ -54,7 +54,9 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     path: str = opt("checkpoints/pico-base", "base model folder in Hugging Face layout")
-    dtype: str = opt("float32", "weights dtype: float32, or bfloat16 (pure bf16, no fp32 master copy)")
+    dtype: str = opt("float32", "float32; bf16-mixed (fp32 weights and AdamW state, bf16 matmuls); "
+                     "bfloat16 (one process: pure bf16, no fp32 copy). Under torchrun both bf16 "
+                     "options keep fp32 shards and compute in bf16")
     finetune: str = opt("full", "which weights train: full, lora or qlora")
 
 
@@ -140,7 +142,7 @@ class Config:
 
 CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bf16-mixed", "bfloat16"),
     "model.finetune": ("full", "lora", "qlora"),
     "data.template": ("auto", *TEMPLATES),
     "data.loss_on": STRATEGIES,
