@@ -26,8 +26,8 @@ The pieces, and the detail each one must get exactly right to match Hugging Face
 * SwiGLU MLP: down(silu(gate(x)) * up(x)).
 
 Memory for training: RMSNorm and SwiGLU are small autograd Functions that keep only their
-inputs for backward and recompute the cheap elementwise rest, one activation tensor less per
-norm and per MLP than the op-by-op graph (same forward arithmetic, same results).
+inputs for backward and recompute the cheap elementwise rest; their outputs, which the next
+projections would keep, are recomputed in backward too (model/recompute.py). Same results.
 
 Masks: with no `seq_ids` the plain causal mask is used (`is_causal=True`, the fast path). With
 `seq_ids` (B, T) a token attends only to earlier tokens *with the same id*: a block-diagonal causal
@@ -55,6 +55,7 @@ from torch import nn
 from model.errors import SFTError
 from model.matmul import Linear
 from model.recompute import recompute_saved
+from model.sampling import sample
 
 
 ROPE_SCALING_KEYS = {"linear": ["factor"],
@@ -493,25 +494,3 @@ def _copy_rows_then_mean(new: torch.Tensor, old: torch.Tensor) -> None:
     n = min(new.shape[0], old.shape[0])
     new[:n] = old[:n]
     new[n:] = old.float().mean(0).to(old.dtype)
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one token per row from logits (B, V): argmax, or sample after temperature/top-k/top-p.
-
-    top-k keeps the k largest logits; top-p keeps the smallest set of tokens, most likely first,
-    whose probabilities sum to at least p (the most likely token is always kept).
-    """
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already >= p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -6,7 +6,8 @@ import torch
 
 from model import Config, Transformer, load_pretrained
 from model.errors import SFTError
-from model.llama import rope_inv_freq, sample
+from model.llama import rope_inv_freq
+from model.sampling import sample
 
 PROMPTS = [[1, 1721, 318, 575, 261, 631], [1, 400], [1, 50, 60, 70, 80, 90, 100, 110, 120]]
 
