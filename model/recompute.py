@@ -63,7 +63,8 @@ def _recompute_saved(x: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Iterato
 def recompute_saved(x: torch.Tensor, fn: Callable[[], torch.Tensor], enabled: bool = True):
     """Context: tensors saved for backward that are x (or views of it) are recomputed by fn().
 
-    fn must rebuild x exactly from tensors backward keeps anyway, e.g. `lambda: norm(h)`.
+    fn must rebuild x exactly from tensors backward keeps anyway, holding them by value,
+    e.g. `functools.partial(norm, h)`.
     A no-op when disabled or when no gradient is being recorded.
     """
     if not (enabled and torch.is_grad_enabled()):
