@@ -316,7 +316,7 @@ def _train(cfg: Config, stop_after: int | None) -> dict:
     # bf16-mixed in one process: fp32 weights and AdamW state, matmuls in bf16 under autocast,
     # loss in fp32 (model/loss.py upcasts the logits); under FSDP its MixedPrecisionPolicy does it
     amp = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
-                            enabled=cfg.model.dtype == "bf16-mixed" and D.world_size() == 1)
+                            enabled=cfg.model.dtype == "bf16-mixed" and world == 1)
     before = None
     if eval_rows is not None and step == 0:
         with amp():

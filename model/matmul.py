@@ -83,6 +83,11 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mm_t(x.t(), g.t()).t().contiguous()
 
 
+def _mm_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ w.T -> (..., out): the leading axes folded into rows for mm_t."""
+    return mm_t(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+
+
 class _Linear(torch.autograd.Function):
     """x @ w.T whose three products all go through mm_t.
 
@@ -95,7 +100,7 @@ class _Linear(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad
         ctx.save_for_backward(x if need_w else None, w if need_x else None)
         ctx.x_shape = x.shape
-        return mm_t(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+        return _mm_rows(x, w)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -112,7 +117,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _Linear.apply(x, weight)
-    return mm_t(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return _mm_rows(x, weight)
 
 
 class Linear(nn.Linear):
