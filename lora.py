@@ -37,18 +37,17 @@ layer names its parts base_layer / lora_A / lora_B like PEFT, so a name maps by 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from model.checkpoint import save_pretrained
-from model.errors import SFTError, read_text
+from model.errors import SFTError
+from model.files import atomic_write_json, read_json, write_folder
 from model.llama import Transformer
 from model.nf4 import Linear4bit
 from model.safetensors import LazyTensor, load_file, save_file
@@ -252,22 +251,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         "inference_mode": True, "init_lora_weights": True, "use_dora": False,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    with write_folder(folder) as tmp:
+        atomic_write_json(tmp / ADAPTER_CONFIG, config)
         save_file({k: t.contiguous() for k, t in _adapter_tensors(model, state_dict).items()}, tmp / ADAPTER_WEIGHTS)
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        if folder.exists():
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict:
@@ -275,10 +261,9 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / ADAPTER_CONFIG
     if not path.exists():
         raise SFTError(f"{path}: missing (is {folder} a PEFT/LoRA adapter folder?)")
-    try:
-        cfg = json.loads(read_text(path, ADAPTER_CONFIG))
-    except json.JSONDecodeError as e:
-        raise SFTError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    cfg = read_json(path, ADAPTER_CONFIG)
+    if not isinstance(cfg, dict):
+        raise SFTError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise SFTError(f"{path}: missing key {key!r}")

@@ -48,7 +48,8 @@ from data.packing import collate, pack
 from data.templates import KNOWN_JINJA, render, stop_strings, template_from_tokenizer_config
 from model.checkpoint import load_pretrained
 from evaluation import demo
-from model.errors import SFTError, run_cli
+from model.cli import run_cli
+from model.errors import SFTError
 from model.loss import masked_ce_sum
 from model.tokenizer import Tokenizer
 from training import checkpointing as ckpt

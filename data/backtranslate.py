@@ -41,7 +41,7 @@ from data.demo_wordings import (HELDOUT_END_PHRASES, HELDOUT_KEYWORDS, HELDOUT_T
                                 TRAIN_TASKS, TRAIN_TOPICS, TRAIN_WORD_LIMITS, WORDINGS)
 from data.formats import load_conversations
 from data.textutil import count_words, split_sentences
-from evaluation.report import atomic_write_text
+from model.files import atomic_write
 from model import load_pretrained
 from model.errors import SFTError
 
@@ -256,7 +256,7 @@ def heldout_items(per_id: int, seed: int, ids: list[str] | None = None) -> list[
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
     """JSONL, written atomically (temp file in the same folder, then rename)."""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return Path(path)
 
 

@@ -31,7 +31,9 @@ from tqdm import tqdm
 
 from data import filters as F
 from data.teacher import teacher_from_config
-from model.errors import SFTError, read_text, run_cli
+from model.cli import run_cli
+from model.errors import SFTError
+from model.files import read_text
 
 FILTER_KEYS = {
     "exact_dedup": set(),

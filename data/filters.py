@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from data import formats
 from data.dedup import exact_duplicates, near_duplicates
 from model.errors import SFTError
+from model.files import atomic_write
+from model.loss import IGNORE_INDEX
 
 Rejects = list[tuple[dict, str]]
 
@@ -124,7 +124,7 @@ def response_perplexities(records: list[dict], model, tokenizer, template: str =
         chunk = [samples[i] for i in order[s : s + batch_size]]
         width = max(len(x["input_ids"]) if x else 1 for x in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)            # (B, T), right-padded
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)  # pad positions ignored
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)  # pad positions ignored
         for i, x in enumerate(chunk):
             if x:
                 ids[i, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
@@ -230,13 +230,7 @@ def read_records(path: str | Path) -> list[dict]:
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
     """Write rows as JSONL through a temp file in the same folder, then rename (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_filter_output(folder: str | Path, name: str, kept: list[dict], rejects: Rejects) -> None:

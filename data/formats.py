@@ -21,16 +21,16 @@ Formats read (JSON list, or JSONL with one record per line):
            A path is cut after its last assistant reply; a path with none gives no conversation.
 
 Errors are raised where the bad record enters and name the file and the line (JSONL) or the
-record index (JSON list): `data.jsonl line 17: ...`. `format="auto"` looks at the first record;
+record index (JSON list): `data.jsonl:17: ...`. `format="auto"` looks at the first record;
 pass the format name to override it.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from data.templates import validate_messages
-from model.errors import SFTError, read_text
+from model.errors import SFTError
+from model.files import first_char, iter_jsonl, read_json
 
 FORMATS = ("alpaca", "sharegpt", "openai", "oasst")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -39,28 +39,17 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 def read_records(path: str | Path) -> list[tuple[str, dict]]:
-    """[(where, record)] from a JSON list or a JSONL file; `where` names the file and line/index."""
+    """[(where, record)] from a JSON list or a JSONL file; `where` is `path:LINE` (JSONL) or
+    `path record I` (JSON list)."""
     path = Path(path)
-    text = read_text(path, "data file")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SFTError(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from None
-        records = [(f"{path} record {i}", r) for i, r in enumerate(data)]
-    else:
-        records = []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path} line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise SFTError(f"{path} line {lineno}: invalid JSON: {e.msg} (one JSON object per line)") from None
-    for where, r in records:
+    is_list = first_char(path, "data file") == "["
+    if not is_list:
+        return [(f"{path}:{lineno}", r) for lineno, r in iter_jsonl(path, "data file")]
+    data = read_json(path, "data file")
+    for i, r in enumerate(data):
         if not isinstance(r, dict):
-            raise SFTError(f"{where}: expected a JSON object, got {type(r).__name__}")
-    return records
+            raise SFTError(f"{path} record {i}: expected a JSON object, got {type(r).__name__}")
+    return [(f"{path} record {i}", r) for i, r in enumerate(data)]
 
 
 def detect_format(record: dict, where: str = "record") -> str:

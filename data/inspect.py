@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from data.formats import load_conversations
 from data.masking import IGNORE_INDEX, tokenize_conversation, tokenize_dataset
-from model.errors import SFTError, run_cli
+from model.cli import run_cli
+from model.errors import SFTError
+from model.files import atomic_write
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
@@ -74,14 +74,6 @@ def html_page(tokenizer, samples: list[tuple[int, dict]], title: str, summary: s
             "</p><p><span class=t>trained</span> <span class=m>masked (-100)</span></p>" + "".join(blocks))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="a training config (TOML); the flags below override it")
@@ -126,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     summary = f"{cfg.data.train} with template {template}: {report.summary()}"
     print("---\n" + summary)
     path = Path(args.html)
-    write_atomic(path, html_page(tok, shown, f"{Path(cfg.data.train).name} / {template}", summary))
+    atomic_write(path, html_page(tok, shown, f"{Path(cfg.data.train).name} / {template}", summary))
     print(f"wrote {path}")
     return 0
 

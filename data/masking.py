@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 from data.templates import render_segments
 from model.errors import SFTError
+from model.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 STRATEGIES = ("train_on_assistant", "train_on_last", "train_on_all")
 
 

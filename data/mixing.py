@@ -22,6 +22,7 @@ import random
 import zlib
 
 from model.errors import SFTError
+from model.loss import IGNORE_INDEX
 
 
 def mixture_probabilities(sizes: dict[str, int], weights: dict[str, float] | None = None,
@@ -64,7 +65,7 @@ def _draw(items: list, n: int, rng: random.Random) -> list:
 def _tokens(sample) -> tuple[int, int]:
     if isinstance(sample, dict) and "input_ids" in sample:
         labels = sample.get("labels", sample["input_ids"])
-        return len(sample["input_ids"]), sum(1 for l in labels if l != -100)
+        return len(sample["input_ids"]), sum(1 for l in labels if l != IGNORE_INDEX)
     return 0, 0
 
 

@@ -29,8 +29,8 @@ import bisect
 import torch
 
 from model.errors import SFTError
+from model.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PAD_SEQ_ID = -1
 
 

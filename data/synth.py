@@ -22,13 +22,12 @@ also makes repeated questions free). A teacher answer that cannot be parsed is *
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 from data.constraints import INSTRUCTION_IDS, LANGUAGE_NAMES, check_instruction, describe_instruction
-from data.teacher import read_jsonl
+from model.files import append_jsonl, read_jsonl
 
 # ----------------------------------------------------------------------------- ROUGE-L
 
@@ -55,13 +54,6 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 
 # ---------------------------------------------------------------------------- JSONL I/O
-
-def append_jsonl(path: str | Path, row: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
 
 def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
@@ -110,8 +102,8 @@ def self_instruct(teacher, seed_path: str, out_path: str, num_instructions: int 
                   max_rounds: int = 50, temperature: float = 0.7, max_tokens: int = 256,
                   seed: int = 0) -> dict:
     seeds = [{"instruction": t["instruction"], "input": t["instances"][0]["input"],
-              "output": t["instances"][0]["output"]} for t in read_jsonl(seed_path)]
-    made = read_jsonl(out_path)
+              "output": t["instances"][0]["output"]} for t in read_jsonl(seed_path, "seed tasks file")]
+    made = read_jsonl(out_path, "synthesis output", resumable=True)
     pool = [t["instruction"] for t in seeds + made]
     stats = {"resumed": len(made), "accepted": 0, "malformed": 0, "not_novel": 0, "filtered": 0, "asked": 0}
     rng = random.Random(seed + len(made))
@@ -192,7 +184,7 @@ def eliminate(parent: str, evolved: str, response: str) -> str | None:
 def evol_instruct(teacher, records: list[dict], out_path: str, methods: list[str] | None = None,
                   temperature: float = 0.7, max_tokens: int = 256, seed: int = 0) -> dict:
     methods = methods or list(EVOL_METHODS) + ["breadth"]
-    done = {row["parent_index"] for row in read_jsonl(out_path)}
+    done = {row["parent_index"] for row in read_jsonl(out_path, "synthesis output", resumable=True)}
     stats = {"resumed": len(done), "accepted": 0, "eliminated": 0, "malformed": 0}
     for i, rec in enumerate(records):
         if i in done:
@@ -247,7 +239,7 @@ def sample_constraint(rng: random.Random, instruction: str) -> tuple[str, dict]:
 def constrained_responses(teacher, records: list[dict], out_path: str, constraints_per_prompt: int = 1,
                           attempts: int = 4, temperature: float = 0.8, max_tokens: int = 256,
                           seed: int = 0) -> dict:
-    done = {row["parent_index"] for row in read_jsonl(out_path)}
+    done = {row["parent_index"] for row in read_jsonl(out_path, "synthesis output", resumable=True)}
     stats = {"resumed": len(done), "accepted": 0, "no_passing_answer": 0, "answers_rejected": 0}
     for i, rec in enumerate(records):
         if i in done:
@@ -280,7 +272,8 @@ def run(config_path: str) -> dict:
 
     from data.filters import read_records
     from data.teacher import teacher_from_config
-    from model.errors import SFTError, read_text
+    from model.errors import SFTError
+    from model.files import read_text
     try:
         cfg = tomllib.loads(read_text(config_path, "synthesis config (TOML)"))
     except tomllib.TOMLDecodeError as e:
@@ -312,7 +305,7 @@ def run(config_path: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from model.errors import run_cli
+    from model.cli import run_cli
     ap = argparse.ArgumentParser(description="synthesise instruction data with a teacher")
     ap.add_argument("--config", required=True)
     ap.add_argument("--debug", action="store_true", help="show the traceback of an input error")

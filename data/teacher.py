@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from model.errors import SFTError
+from model.files import append_jsonl, read_jsonl
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -77,10 +78,7 @@ class Teacher:
     def _store(self, key: str, answer: str) -> None:
         self.cache[key] = answer
         if self.cache_path:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.cache_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "answer": answer}, ensure_ascii=False) + "\n")
-                f.flush()
+            append_jsonl(self.cache_path, {"key": key, "answer": answer})
 
     def _http(self, messages, max_tokens, temperature) -> str:
         url = f"{self.base_url}/chat/completions"
@@ -131,22 +129,8 @@ class Teacher:
         return texts
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a resumable JSONL output (missing file: []); a line torn by an interrupted run is
-    skipped, so the work it stood for is simply done again."""
-    path = Path(path)
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 def _read_cache(path: Path) -> dict[str, str]:
-    return {row["key"]: row["answer"] for row in read_jsonl(path)
+    return {row["key"]: row["answer"] for row in read_jsonl(path, "teacher cache", resumable=True)
             if isinstance(row, dict) and "key" in row and "answer" in row}
 
 

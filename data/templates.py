@@ -35,11 +35,11 @@ then user/assistant alternating, starting with the user); some Jinja templates a
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from model.errors import SFTError
+from model.files import read_json
 
 Segments = list[tuple[str, bool]]
 
@@ -299,10 +299,7 @@ def template_from_tokenizer_config(config: dict | str | Path) -> str:
         source = str(path)
         if not path.is_file():
             raise SFTError(f"{path}: not found; set template= in the config (one of {', '.join(TEMPLATES)})")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise SFTError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        config = read_json(path, "tokenizer_config.json")
     jinja = config.get("chat_template")
     if isinstance(jinja, list):  # newer HF layout: [{"name": "default", "template": ...}, ...]
         jinja = next((t.get("template") for t in jinja if t.get("name") == "default"), None)

@@ -25,7 +25,8 @@ from data.backtranslate import build_demo_data
 
 from evaluation.generation import EvalModel
 from evaluation.ifeval import evaluate_ifeval
-from evaluation.report import atomic_write_text, svg_bar_chart
+from evaluation.report import svg_bar_chart
+from model.files import atomic_write
 
 
 def constraint_eval(model: torch.nn.Module, tok, template: str, items_path: str | Path,
@@ -65,8 +66,8 @@ def write_demo_report(base: dict, tuned: dict, run_dir: str | Path, seconds: flo
     chart = svg_bar_chart(labels, {"base": [b[k] for k in b] + [base["metrics"]["prompt_strict"]],
                                    "tuned": [t.get(k, 0.0) for k in b] + [tuned["metrics"]["prompt_strict"]]},
                           "held-out constraint pass rate (strict), before vs after LoRA")
-    atomic_write_text(run_dir / "demo.svg", chart)
-    atomic_write_text(run_dir / "demo.json", json.dumps({"base": base, "tuned": tuned}, indent=1,
+    atomic_write(run_dir / "demo.svg", chart)
+    atomic_write(run_dir / "demo.json", json.dumps({"base": base, "tuned": tuned}, indent=1,
                                                         ensure_ascii=False) + "\n")
     line = {"base_pass_rate": round(base["metrics"]["prompt_strict"], 4),
             "tuned_pass_rate": round(tuned["metrics"]["prompt_strict"], 4),

@@ -23,7 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.constraints import check_instruction, check_loose
-from model.errors import SFTError, read_jsonl_objects
+from model.errors import SFTError
+from model.files import iter_jsonl
 
 REQUIRED_KEYS = ("prompt", "instruction_id_list", "kwargs")
 
@@ -34,7 +35,7 @@ def load_ifeval(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise SFTError(f"{path}: IFEval file not found (expected ifeval_input_data.jsonl)")
     items = []
-    for lineno, rec in read_jsonl_objects(path, "IFEval file"):
+    for lineno, rec in iter_jsonl(path, "IFEval file"):
         missing = [k for k in REQUIRED_KEYS if k not in rec]
         if missing:
             raise SFTError(f"{path}:{lineno}: missing key(s) {missing}; IFEval lines need {list(REQUIRED_KEYS)}")

@@ -29,7 +29,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from model.errors import SFTError, read_jsonl_objects
+from model.errors import SFTError
+from model.files import iter_jsonl
 
 SYSTEM_PAIR = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -96,7 +97,7 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise SFTError(f"{path}: judge question file not found (e.g. mt_bench_question.jsonl)")
     out = []
-    for lineno, rec in read_jsonl_objects(path):
+    for lineno, rec in iter_jsonl(path):
         turns = rec.get("turns") or [rec.get("prompt") or rec.get("instruction")]
         if not all(isinstance(t, str) and t for t in turns):
             raise SFTError(f"{path}:{lineno}: needs 'turns' (list of str) or 'prompt'/'instruction'")
@@ -112,7 +113,7 @@ def load_reference_answers(path: str | Path) -> dict:
     if not path.is_file():
         raise SFTError(f"{path}: reference answer file not found")
     out = {}
-    for lineno, rec in read_jsonl_objects(path):
+    for lineno, rec in iter_jsonl(path):
         if "question_id" not in rec:
             raise SFTError(f"{path}:{lineno}: missing 'question_id'")
         turns = (rec["choices"][0]["turns"] if rec.get("choices") else

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from model.errors import SFTError, read_jsonl_objects
+from model.errors import SFTError
+from model.files import iter_jsonl
 
 LETTERS = "ABCDEFGHIJ"
 REQUIRED_KEYS = ("question", "choices", "answer_index")
@@ -54,7 +55,7 @@ def load_mc_items(path: str | Path, limit: int | None = None, seed: int = 0) -> 
     if not path.is_file():
         raise SFTError(f"{path}: multiple-choice file not found (expected JSONL like mmlu_test.jsonl)")
     items = []
-    for lineno, item in read_jsonl_objects(path, "multiple-choice file"):
+    for lineno, item in iter_jsonl(path, "multiple-choice file"):
         missing = [k for k in REQUIRED_KEYS if k not in item]
         if missing:
             raise SFTError(f"{path}:{lineno}: missing key(s) {missing}; each line needs "

@@ -17,30 +17,14 @@ interrupted run never leaves a half-written `eval.json` that `compare` would lat
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from html import escape
 from pathlib import Path
 
 from model.errors import SFTError
+from model.files import atomic_write
 
 # Metrics where a smaller number is the better result (used to label deltas).
 LOWER_IS_BETTER = ("loss", "ppl", "flip_rate", "loss_rate")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def flat_metrics(result: dict) -> dict[str, float | int]:
@@ -121,12 +105,12 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
     """eval.json + eval.md + eval.svg in `out_dir`; returns the paths written."""
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md", "svg": out_dir / "eval.svg"}
-    atomic_write_text(paths["json"], json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(paths["md"], to_markdown(result))
+    atomic_write(paths["json"], json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(paths["md"], to_markdown(result))
     fr = {k: v for k, v in flat_metrics(result).items() if _is_fraction(k)}
     chart = svg_bar_chart(list(fr), {Path(str(result.get("model", "model"))).name: list(fr.values())},
                           "accuracies and rates (0-1)")
-    atomic_write_text(paths["svg"], chart)
+    atomic_write(paths["svg"], chart)
     return paths
 
 
@@ -199,11 +183,11 @@ def write_compare(a: dict, b: dict, out_dir: str | Path, name_a: str = "A", name
     out_dir = Path(out_dir)
     rows = compare_rows(a, b)
     paths = {"md": out_dir / "compare.md", "json": out_dir / "compare.json", "svg": out_dir / "compare.svg"}
-    atomic_write_text(paths["md"], compare_markdown(a, b, name_a, name_b))
-    atomic_write_text(paths["json"], json.dumps(
+    atomic_write(paths["md"], compare_markdown(a, b, name_a, name_b))
+    atomic_write(paths["json"], json.dumps(
         [dict(zip(["metric", "a", "b", "delta", "b_is"], r)) for r in rows], indent=2) + "\n")
     frac = [r for r in rows if _is_fraction(r[0])]
     chart = svg_bar_chart([r[0] for r in frac], {name_a: [r[1] for r in frac], name_b: [r[2] for r in frac]},
                           f"{name_a} vs {name_b}: accuracies and rates (0-1)")
-    atomic_write_text(paths["svg"], chart)
+    atomic_write(paths["svg"], chart)
     return paths

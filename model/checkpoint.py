@@ -22,16 +22,15 @@ complete, so an interrupted save never leaves a half-written checkpoint where a 
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from model.errors import SFTError, read_text
+from model.errors import SFTError
+from model.files import atomic_write_json, read_json, write_folder
 from model.llama import Config, Transformer
 from model.safetensors import open_sharded, save_sharded
 
@@ -43,11 +42,7 @@ def read_config(folder: Path) -> Config:
     path = folder / "config.json"
     if not path.exists():
         raise SFTError(f"{path}: missing (is {folder} a Hugging Face model folder?)")
-    try:
-        hf = json.loads(read_text(path, "config.json"))
-    except json.JSONDecodeError as e:
-        raise SFTError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    return Config.from_hf(hf, source=str(path))
+    return Config.from_hf(read_json(path, "config.json"), source=str(path))
 
 
 def _open_weights(folder: Path) -> dict[str, tuple[str, Callable[[], torch.Tensor], Callable[[int, int], None]]]:
@@ -59,9 +54,9 @@ def _open_weights(folder: Path) -> dict[str, tuple[str, Callable[[], torch.Tenso
     bins = []
     if (folder / "pytorch_model.bin.index.json").exists():
         try:
-            index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
+            index = read_json(folder / "pytorch_model.bin.index.json", "weights index")
             bins = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise SFTError(f"{folder / 'pytorch_model.bin.index.json'}: not a valid index ({e})") from None
     elif (folder / "pytorch_model.bin").exists():
         bins = ["pytorch_model.bin"]
@@ -196,15 +191,11 @@ def save_pretrained(model: Transformer, folder: str | os.PathLike, tokenizer=Non
     folder = Path(folder)
     sd = hf_state_dict(model, state_dict)
     _check_plain(model, sd)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with write_folder(folder) as tmp:
         cfg = model.config.to_hf()
         dtype = next(iter(sd.values())).dtype
         cfg["torch_dtype"] = cfg["dtype"] = str(dtype).removeprefix("torch.")  # 4.x / 5.x key
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        atomic_write_json(tmp / "config.json", cfg)
         gen = dict(generation_config or {})
         eos = model.config.eos_ids
         extra = gen.get("eos_token_id", [])
@@ -213,20 +204,7 @@ def save_pretrained(model: Transformer, folder: str | os.PathLike, tokenizer=Non
                    eos_token_id=(eos[0] if len(eos) == 1 else eos) or None)
         if model.config.pad_token_id is not None:
             gen.setdefault("pad_token_id", model.config.pad_token_id)
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        atomic_write_json(tmp / "generation_config.json", gen)
         save_sharded(sd, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        if folder.exists():
-            os.rename(folder, old)
-        try:
-            os.rename(tmp, folder)
-        except BaseException:
-            if old.exists():
-                os.rename(old, folder)  # put the previous checkpoint back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -33,13 +33,13 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
 from model.errors import SFTError
+from model.files import atomic_file, atomic_write_json, read_json
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -228,17 +228,10 @@ def save_file(tensors: dict[str, torch.Tensor | LazyTensor], path: str | os.Path
         pos += spec.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            for name in order:
-                _write_one(f, name, specs[name], path)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name in order:
+            _write_one(f, name, specs[name], path)
 
 
 def save_sharded(tensors: dict[str, torch.Tensor | LazyTensor], folder: str | os.PathLike,
@@ -268,9 +261,7 @@ def save_sharded(tensors: dict[str, torch.Tensor | LazyTensor], folder: str | os
         save_file({k: specs[k] for k in keys}, folder / fname)
         weight_map.update({k: fname for k in keys})
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs.values())}, "weight_map": weight_map}
-    tmp = folder / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(tmp, folder / INDEX_NAME)
+    atomic_write_json(folder / INDEX_NAME, index)
     return names + [INDEX_NAME]
 
 
@@ -284,8 +275,8 @@ def open_sharded(folder: str | os.PathLike) -> dict[str, tuple[SafeFile, str]]:
         f = SafeFile(folder / SINGLE_NAME)
         return {k: (f, k) for k in f.keys()}
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        weight_map = read_json(index_path, "safetensors index")["weight_map"]
+    except (KeyError, TypeError) as e:
         raise SFTError(f"{index_path}: not a valid index (needs a 'weight_map' object): {e}") from None
     files: dict[str, SafeFile] = {}
     out = {}

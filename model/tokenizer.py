@@ -31,12 +31,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 
-from model.errors import SFTError, read_text
+from model.errors import SFTError
+from model.files import atomic_write, read_json
 
 NO_DUMMY_PREFIX = bytes([0x1A, 0x02, 0x18, 0x00])  # ModelProto.normalizer_spec.add_dummy_prefix = false
 
@@ -44,10 +44,7 @@ NO_DUMMY_PREFIX = bytes([0x1A, 0x02, 0x18, 0x00])  # ModelProto.normalizer_spec.
 def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
-    try:
-        return json.loads(read_text(path, path.name))
-    except json.JSONDecodeError as e:
-        raise SFTError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return read_json(path, path.name)
 
 
 def _content(tok) -> str | None:
@@ -223,11 +220,5 @@ class Tokenizer:
         if extra:
             files["added_tokens.json"] = json.dumps({t: self.added[t] for t in extra}, indent=2) + "\n"
         for name, data in files.items():
-            _write_atomic(folder / name, data if isinstance(data, bytes) else data.encode("utf-8"))
+            atomic_write(folder / name, data)
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

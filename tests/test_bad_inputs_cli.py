@@ -101,11 +101,11 @@ def _cli_prev(tmp, tiny, adapter):
 
 CLI_CASES = [
     CliCase("cli_train_malformed_jsonl_line", lambda t, m, a: train_argv(t, m, bad_line_data(t)),
-            ("data.jsonl", "line 3")),
+            ("data.jsonl:3",)),
     CliCase("cli_train_debug_shows_traceback", lambda t, m, a: train_argv(t, m, bad_line_data(t), "--debug"),
-            ("data.jsonl", "line 3"), debug=True),
+            ("data.jsonl:3",), debug=True),
     CliCase("cli_train_latin1_data", lambda t, m, a: train_argv(t, m, put(
-        t, "data.jsonl", '{"instruction": "café", "output": "x"}\n'.encode("latin-1"))), ("data.jsonl", "line 1")),
+        t, "data.jsonl", '{"instruction": "café", "output": "x"}\n'.encode("latin-1"))), ("data.jsonl:1",)),
     CliCase("cli_train_data_is_a_directory",
             lambda t, m, a: train_argv(t, m, (t / "data.jsonl").mkdir() or t / "data.jsonl"),
             ("data.jsonl", "directory")),
@@ -121,7 +121,7 @@ CLI_CASES = [
     CliCase("cli_train_lora_rank_zero",
             lambda t, m, a: train_argv(t, m, good_data(t), "model.finetune=lora", "lora.r=0"),
             ("lora.r",)),
-    CliCase("cli_train_overwrite_with_bad_data_keeps_previous_run", _cli_prev, ("data.jsonl", "line 3")),
+    CliCase("cli_train_overwrite_with_bad_data_keeps_previous_run", _cli_prev, ("data.jsonl:3",)),
     CliCase("cli_eval_truncated_weights", lambda t, m, a: ["eval.py", "--model", str(_truncated_weights(t, m)),
                                                            "--tasks", "samples", "--out", str(t / "out")],
             ("model.safetensors",)),
@@ -131,7 +131,7 @@ CLI_CASES = [
             ("adapter_model.safetensors", "shape")),
     CliCase("cli_eval_bad_data_line", lambda t, m, a: ["eval.py", "--model", str(m), "--data", str(bad_line_data(t)),
                                                        "--tasks", "loss", "--out", str(t / "out")],
-            ("data.jsonl", "line 3")),
+            ("data.jsonl:3",)),
     CliCase("cli_inspect_utf16_data", lambda t, m, a: ["-m", "data.inspect", "--model", str(m), "--data", str(
         put(t, "data.jsonl", jsonl(GOOD).encode("utf-16"))), "--html", str(t / "out" / "i.html")],
             ("data.jsonl", "UTF-8")),

@@ -124,10 +124,10 @@ def test_auto_detection_and_override(tmp_path):
 def test_errors_name_the_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n{oops\n')
-    with pytest.raises(SFTError, match=r"bad.jsonl line 3: invalid JSON"):
+    with pytest.raises(SFTError, match=r"bad.jsonl:3: not valid JSON"):
         load_conversations(path)
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n')
-    with pytest.raises(SFTError, match=r"bad.jsonl line 2: key 'output' must be a string"):
+    with pytest.raises(SFTError, match=r"bad.jsonl:2: key 'output' must be a string"):
         load_conversations(path)
     roles_bad = write(tmp_path, "r.json", [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                                                          {"role": "assistant", "content": "c"}]}])

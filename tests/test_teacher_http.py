@@ -108,7 +108,7 @@ def test_synthesis_loops_run_end_to_end_and_resume(server, tmp_path, shared_file
     con = constrained_responses(t, records, str(tmp_path / "con.jsonl"), attempts=2, max_tokens=16)
     assert con["accepted"] + con["no_passing_answer"] == 2
     again = constrained_responses(t, records, str(tmp_path / "con.jsonl"), attempts=2, max_tokens=16)
-    assert again["resumed"] == len(read_jsonl(tmp_path / "con.jsonl"))
+    assert again["resumed"] == len(read_jsonl(tmp_path / "con.jsonl", resumable=True))
 
 
 def test_cache_file_with_a_torn_last_line_still_resumes(tmp_path):

@@ -9,11 +9,11 @@
             trainer_state.pt   optimizer, scheduler, RNG states, data position, step
         final/             the model at the end of training (HF layout)
 
-Crash safety. A checkpoint is written into `.tmp-step_N/` beside the others and renamed to
-`step_N/` only when every file is on disk; rename within one directory is atomic, so a
-folder named `step_N` is always complete, and a crash mid-save leaves a stray `.tmp-*` that is
-ignored (and cleaned by the next save). Pruning renames a folder to `.trash-*` before
-deleting it, so a half-deleted checkpoint never looks complete either.
+Crash safety (model/files.py `write_folder`). A checkpoint is written into `.tmp-step_N/`
+beside the others and renamed to `step_N/` only when every file is on disk; rename within one
+directory is atomic, so a folder named `step_N` is always complete, and a crash mid-save leaves
+a stray `.tmp-*` that is ignored (and cleaned by the next save). Pruning renames a folder to
+`.trash-*` before deleting it, so a half-deleted checkpoint never looks complete either.
 
 Exact resume needs everything that influences the next step: weights, AdamW moments and step
 counts, the scheduler's step, the RNG states (python, numpy, torch CPU and CUDA: dropout and
@@ -24,8 +24,6 @@ bit-identical to an uninterrupted run (tests/test_train.py checks it).
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import re
 import shutil
@@ -36,6 +34,7 @@ import torch
 
 from model.checkpoint import load_pretrained, save_pretrained
 from model.errors import SFTError
+from model.files import remove_folder, write_folder
 from training import distributed as D
 
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -124,35 +123,6 @@ def load_weights(model: torch.nn.Module, folder: Path, finetune: str = "full") -
         load_adapter(model, folder)
 
 
-def _atomic_dir(run_dir: Path, name: str) -> Path:
-    tmp = run_dir / f".tmp-{name}"
-    if tmp.exists():  # left by a crash during an earlier save
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-@contextlib.contextmanager
-def _removed_on_failure(tmp: Path):
-    """Delete the half-written `tmp` if writing fails (a full disk must get its space back)."""
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, final)
-
-
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
                     data_position: dict, *, tokenizer=None, finetune: str = "full",
                     keep_last_n: int = 0, generation_config: dict | None = None,
@@ -165,14 +135,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
     weights = gather_weights(model, finetune)
     optim = D.full_optimizer_state_dict(model, optimizer)
     if D.rank() == 0:
-        tmp = _atomic_dir(run_dir, f"step_{step}")
         state = {"step": step, "optimizer": optim,
                  "scheduler": scheduler.state_dict(), "rng": rng_state(),
                  "data_position": data_position, **(extra or {})}
-        with _removed_on_failure(tmp):
+        with write_folder(final) as tmp:
             save_weights(model, tmp, tokenizer, finetune, generation_config, weights)
-            torch.save(state, tmp / STATE_FILE)
-        _replace_dir(tmp, final)
+            torch.save(state, tmp / STATE_FILE)  # inside the temporary folder: a plain write
         prune(run_dir, keep_last_n)
     D.barrier()
     return final
@@ -182,9 +150,7 @@ def prune(run_dir: Path, keep_last_n: int) -> None:
     if keep_last_n <= 0:
         return
     for _, path in step_dirs(run_dir)[:-keep_last_n]:
-        trash = path.with_name(f".trash-{path.name}")
-        os.replace(path, trash)  # no longer looks like a complete checkpoint
-        shutil.rmtree(trash)
+        remove_folder(path)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
@@ -217,9 +183,7 @@ def save_final(run_dir: Path, model: torch.nn.Module, tokenizer=None, finetune: 
     final = Path(run_dir) / "final"
     weights = gather_weights(model, finetune)
     if D.rank() == 0:
-        tmp = _atomic_dir(Path(run_dir), "final")
-        with _removed_on_failure(tmp):
+        with write_folder(final) as tmp:
             save_weights(model, tmp, tokenizer, finetune, generation_config, weights)
-        _replace_dir(tmp, final)
     D.barrier()
     return final

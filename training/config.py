@@ -28,7 +28,8 @@ from typing import Any, get_type_hints
 
 from data.masking import STRATEGIES
 from data.templates import TEMPLATES
-from model.errors import SFTError, read_text
+from model.errors import SFTError
+from model.files import atomic_write, read_text
 
 
 def opt(default: Any, help: str) -> Any:
@@ -307,6 +308,4 @@ def options_markdown() -> str:
 
 def save_toml(cfg: Config, path: Path) -> None:
     """Atomic write of the resolved config."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_toml(cfg))
-    os.replace(tmp, path)
+    atomic_write(path, to_toml(cfg))

@@ -14,8 +14,9 @@ and a few tick labels. Map a value v in [lo, hi] to a y pixel as
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from model.files import atomic_write, read_jsonl
 
 
 class MetricsLog:
@@ -24,21 +25,15 @@ class MetricsLog:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.records: list[dict] = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    self.records.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a crash; truncate_after drops it
-                    continue
+        # a line cut short by a crash is skipped; truncate_after then rewrites the file without it
+        self.records = read_jsonl(self.path, "metrics log", resumable=True)
         self._file = open(self.path, "a", buffering=1)
 
     def truncate_after(self, step: int) -> None:
         """Forget lines past `step` (written by a run that stopped before its next checkpoint)."""
         self.records = [r for r in self.records if r.get("step", 0) <= step]
         self._file.close()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a", buffering=1)
 
     def reset(self) -> None:
@@ -91,6 +86,4 @@ def loss_svg(records: list[dict], width: int = 640, height: int = 360) -> str:
 
 
 def write_loss_svg(records: list[dict], path: Path) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(loss_svg(records))
-    os.replace(tmp, path)
+    atomic_write(path, loss_svg(records))
