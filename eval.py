@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from model.cli import ArgParser
 from model.errors import SFTError
 
 ROOT = Path(__file__).resolve().parent
@@ -34,42 +35,70 @@ SAMPLE_PROMPTS = ["Give three tips for staying healthy.", "Write a short story a
                   "What is the capital of France?"]
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (no "(default: None)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _positive(kind: type, minimum: float = 1):
+    """argparse type: a number >= minimum (a bad value is one usage line, not a traceback)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text}: must be >= {minimum}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgParser(prog="eval.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=_Help,
                                 epilog="Subcommands: `eval.py chat --help`, `eval.py compare --help`.")
     p.add_argument("--model", required=True, help="Hugging Face-format model folder")
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT layout) applied on top of --model")
     p.add_argument("--tasks", help=f"comma list of {','.join(TASKS)} (default: loss,samples with --data, "
                                    "else ifeval,mc)")
-    p.add_argument("--limit", type=int, help="at most N items per task (a seeded subset for mc)")
+    p.add_argument("--limit", type=_positive(int), help="at most N items per task (a seeded subset for mc)")
     p.add_argument("--data", help="held-out conversations for loss/samples (any format data.formats reads)")
-    p.add_argument("--out", help="output folder (default runs/eval/<model name>)")
+    p.add_argument("--out", help="output folder (default: runs/eval/<model>, where <model> is the "
+                   "folder name, with its run's name for final/, merged/ and step_N/)")
     p.add_argument("--template", help="chat template name; default: the model's own, else alpaca")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts (or MC rows) per forward batch")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default); "
-                   "on an oversubscribed machine 1 can be much faster than 2")
-    p.add_argument("--max-len", type=int, help="token limit per held-out conversation (default: model's)")
-    p.add_argument("--samples", type=int, default=3, help="how many sample generations")
-    p.add_argument("--ifeval-data", default=str(SHARED_DATA / "ifeval_input_data.jsonl"))
-    p.add_argument("--mc-data", default=str(SHARED_DATA / "mmlu_test.jsonl"))
+    p.add_argument("--max-new-tokens", type=_positive(int), default=256, help="tokens generated per reply")
+    p.add_argument("--batch-size", type=_positive(int), default=8, help="prompts (or MC rows) per forward batch")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights and compute dtype")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    p.add_argument("--seed", type=_positive(int, 0), default=0, help="seed for sampling and MC subsets")
+    p.add_argument("--threads", type=_positive(int, 0), default=0, help="CPU threads for torch (0: torch's "
+                   "default); on an oversubscribed machine 1 can be much faster than 2")
+    p.add_argument("--max-len", type=_positive(int, 8), help="token limit per held-out conversation "
+                   "(default: the model's context length)")
+    p.add_argument("--samples", type=_positive(int), default=3, help="how many sample generations")
+    p.add_argument("--ifeval-data", default=str(SHARED_DATA / "ifeval_input_data.jsonl"),
+                   help="IFEval prompts (input_data.jsonl layout)")
+    p.add_argument("--mc-data", default=str(SHARED_DATA / "mmlu_test.jsonl"), help="multiple-choice items")
     p.add_argument("--mc-dev", default=str(SHARED_DATA / "mmlu_dev.jsonl"), help="k-shot examples")
-    p.add_argument("--mc-limit", type=int, help="items for mc (overrides --limit for mc only)")
-    p.add_argument("--k-shot", type=int, default=0)
-    p.add_argument("--mc-style", default="letter", help="letter (' A'..' D') or text (answer strings)")
-    p.add_argument("--judge-data", default=str(SHARED_DATA / "mt_bench_question.jsonl"))
+    p.add_argument("--mc-limit", type=_positive(int), help="items for mc (overrides --limit for mc only)")
+    p.add_argument("--k-shot", type=_positive(int, 0), default=0, help="solved examples before each MC question")
+    p.add_argument("--mc-style", default="letter", choices=("letter", "text"),
+                   help="score the letters ' A'..' D' or the answer texts")
+    p.add_argument("--judge-data", default=str(SHARED_DATA / "mt_bench_question.jsonl"),
+                   help="questions for the judge task (MT-Bench layout)")
     p.add_argument("--judge", help="judge: a local model folder or an OpenAI-compatible base URL")
     p.add_argument("--judge-model", default="", help="model name sent to the judge endpoint")
-    p.add_argument("--judge-retries", type=int, default=4, help="endpoint retries (backoff 1, 2, 4.. s)")
-    p.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per endpoint request")
+    p.add_argument("--judge-retries", type=_positive(int, 0), default=4, help="endpoint retries (backoff 1, 2, 4.. s)")
+    p.add_argument("--judge-timeout", type=_positive(float, 0.001), default=120.0, help="seconds per endpoint request")
     p.add_argument("--against", help="second model folder that answers the same prompts")
     p.add_argument("--against-adapter", help="LoRA adapter for --against")
     p.add_argument("--reference", help="reference answers JSONL (question_id + turns/answer) instead of --against")
-    p.add_argument("--turns", type=int, default=1, help="user turns per judge question (MT-Bench has 2)")
+    p.add_argument("--turns", type=_positive(int), default=1, help="user turns per judge question (MT-Bench has 2)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -93,9 +122,6 @@ def _tasks(args) -> list[str]:
         raise SFTError(f"--tasks: unknown task(s) {bad}; choose from {', '.join(TASKS)}")
     if "loss" in tasks and not args.data:
         raise SFTError("--tasks loss needs --data FILE (held-out conversations)")
-    for flag, value in (("--limit", args.limit), ("--mc-limit", args.mc_limit)):
-        if value is not None and value < 1:
-            raise SFTError(f"{flag} {value}: must be a positive number of items")
     return tasks
 
 
@@ -122,7 +148,7 @@ def _make_judge(args, device: str):
 
 
 def task_judge(args, em, device: str) -> dict:
-    from evaluation.generation import generate_replies, load_eval_model
+    from evaluation.generation import load_eval_model
     from evaluation.judge import answer_questions, load_questions, load_reference_answers, run_judge
     if bool(args.against) == bool(args.reference):
         raise SFTError("--tasks judge needs exactly one opponent: --against DIR or --reference FILE")
@@ -132,8 +158,8 @@ def task_judge(args, em, device: str) -> dict:
     if short:
         raise SFTError(f"{args.judge_data}: questions {short[:5]} have fewer than --turns {args.turns} turns")
 
-    def gen_for(model):
-        return lambda convs: generate_replies(model, convs, args.max_new_tokens, args.batch_size, seed=args.seed)
+    def gen_for(em):
+        return lambda convs: em.chat.replies(em.model, convs, args.max_new_tokens, args.batch_size, seed=args.seed)
     answers_m = answer_questions(gen_for(em), questions, args.turns)
     if args.against:
         other = load_eval_model(args.against, args.against_adapter, args.template, args.dtype, device)
@@ -152,7 +178,6 @@ def task_judge(args, em, device: str) -> dict:
 
 def task_samples(args, em) -> dict:
     from data.formats import load_conversations
-    from evaluation.generation import generate_replies
     if args.data:
         convs = [c for c in load_conversations(args.data) if c and any(m["role"] == "user" for m in c)]
         prompts, refs = [], []
@@ -163,7 +188,7 @@ def task_samples(args, em) -> dict:
     else:
         prompts = [[{"role": "user", "content": t}] for t in SAMPLE_PROMPTS[:args.samples]]
         refs = [None] * len(prompts)
-    replies = generate_replies(em, prompts, args.max_new_tokens, args.batch_size, seed=args.seed)
+    replies = em.chat.replies(em.model, prompts, args.max_new_tokens, args.batch_size, seed=args.seed)
     recs = [{"prompt": p[-1]["content"], "reply": r, "reference": ref}
             for p, r, ref in zip(prompts, replies, refs)]
     return {"metrics": {}, "samples": recs}
@@ -208,67 +233,74 @@ def run_tasks(args) -> dict:
     return result
 
 
+def _folder_name(path: str) -> str:
+    """A folder's name, qualified by its run's name when the name alone says nothing
+    (`checkpoints/quickstart/final` -> `quickstart-final`), so reports of two runs never collide."""
+    p = Path(path).resolve()
+    generic = p.name in ("final", "merged") or p.name.startswith("step_")
+    return f"{p.parent.name}-{p.name}" if generic else p.name
+
+
+def report_name(model: str, adapter: str | None) -> str:
+    return _folder_name(model) + (f"+{_folder_name(adapter)}" if adapter else "")
+
+
 def cmd_eval(argv: list[str]) -> int:
     from evaluation.report import to_markdown, write_report
     args = build_parser().parse_args(argv)
-    name = Path(args.model).name + (f"+{Path(args.adapter).name}" if args.adapter else "")
-    args.out = str(args.out or ROOT / "runs" / "eval" / name)
-    try:
-        result = run_tasks(args)
-        paths = write_report(result, args.out)
-        headline = {t: {"metrics": r["metrics"]} for t, r in result["tasks"].items()}
-        print(to_markdown(dict(result, tasks=headline)))  # details stay in eval.md
-        for rec in result["tasks"].get("samples", {}).get("samples", []):
-            print(f"### {rec['prompt']}\n{rec['reply']}\n")
-        print(f"wrote {paths['json']}, {paths['md']}, {paths['svg']}")
-    except SFTError as e:
-        return _fail(e, args.debug)
+    args.out = str(args.out or ROOT / "runs" / "eval" / report_name(args.model, args.adapter))
+    result = run_tasks(args)
+    paths = write_report(result, args.out)
+    headline = {t: {"metrics": r["metrics"]} for t, r in result["tasks"].items()}
+    print(to_markdown(dict(result, tasks=headline)))  # details stay in eval.md
+    for rec in result["tasks"].get("samples", {}).get("samples", []):
+        print(f"### {rec['prompt']}\n{rec['reply']}\n")
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['svg']}")
     return 0
 
 
 def cmd_compare(argv: list[str]) -> int:
     from evaluation.report import compare_markdown, load_result, write_compare
-    p = argparse.ArgumentParser(prog="eval.py compare", description="Two eval.json side by side, with deltas.")
+    p = ArgParser(prog="eval.py compare", description="Two eval.json side by side, with deltas.")
     p.add_argument("a", help="eval folder or eval.json (e.g. the base model)")
     p.add_argument("b", help="eval folder or eval.json (e.g. the tuned model)")
     p.add_argument("--names", default="base,tuned", help="column names for A and B")
     p.add_argument("--out", help="also write compare.md/json/svg here")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    try:
-        names = args.names.split(",")
-        if len(names) != 2:
-            raise SFTError(f"--names {args.names!r}: give two names separated by a comma")
-        a, b = load_result(args.a), load_result(args.b)
-        print(compare_markdown(a, b, *names))
-        if args.out:
-            print(f"wrote {write_compare(a, b, args.out, *names)['md']}")
-    except SFTError as e:
-        return _fail(e, args.debug)
+    names = args.names.split(",")
+    if len(names) != 2:
+        raise SFTError(f"--names {args.names!r}: give two names separated by a comma")
+    a, b = load_result(args.a), load_result(args.b)
+    print(compare_markdown(a, b, *names))
+    if args.out:
+        print(f"wrote {write_compare(a, b, args.out, *names)['md']}")
     return 0
 
 
+CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit"
+
+
 def cmd_chat(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="eval.py chat", description="Chat with a model in the terminal "
-                                "(streams tokens). Commands: /reset, /system TEXT, /exit.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter")
-    p.add_argument("--template")
+    p = ArgParser(prog="eval.py chat", formatter_class=_Help,
+                                description=f"Chat with a model in the terminal (streams tokens). {CHAT_HELP}.")
+    p.add_argument("--model", required=True, help="Hugging Face-format model folder")
+    p.add_argument("--adapter", help="LoRA adapter folder applied on top of --model")
+    p.add_argument("--template", help="chat template name; default: the model's own, else alpaca")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--max-new-tokens", type=_positive(int), default=256, help="tokens per reply at most")
+    p.add_argument("--temperature", type=_positive(float, 0), default=0.7, help="0: greedy")
+    p.add_argument("--top-p", type=_positive(float, 0.001), default=0.9, help="nucleus sampling mass")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="dtype")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    p.add_argument("--threads", type=_positive(int, 0), default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     _set_threads(args.threads)
-    try:
-        from evaluation.generation import load_eval_model
-        em = load_eval_model(args.model, args.adapter, args.template, args.dtype, _device(args.device))
-    except SFTError as e:
-        return _fail(e, args.debug)
+    from evaluation.generation import load_eval_model
+    em = load_eval_model(args.model, args.adapter, args.template, args.dtype, _device(args.device))
+    print(f"chatting with {args.model}{' + ' + args.adapter if args.adapter else ''} "
+          f"(template {em.template}). {CHAT_HELP}; Ctrl-C stops a reply, Ctrl-D leaves.")
     for note in em.notes:
         print(f"note: {note}")
     chat_loop(em, args, input, sys.stdout)
@@ -277,10 +309,10 @@ def cmd_chat(argv: list[str]) -> int:
 
 def chat_loop(em, args, read=input, out=sys.stdout) -> list[dict]:
     """Read user lines, stream each reply; returns the conversation (for tests)."""
-    from evaluation.generation import cut_at_stop, prompt_ids, stop_ids, template_stops
+    from data.chat import cut_at_stop
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    stops = template_stops(em)
+    chat = em.chat
     limit = em.model.config.max_position_embeddings - args.max_new_tokens
     while True:
         try:
@@ -289,24 +321,31 @@ def chat_loop(em, args, read=input, out=sys.stdout) -> list[dict]:
             break
         if line in ("/exit", "/quit"):
             break
-        if line == "/reset" or line.startswith("/system "):
+        if line == "/reset":
             history = []
-            if line.startswith("/system "):
-                system = [{"role": "system", "content": line[len("/system "):]}]
             out.write("(conversation reset)\n")
+            continue
+        if line.startswith("/system"):
+            text = line[len("/system"):].strip()
+            system = [{"role": "system", "content": text}] if text else []
+            history = []
+            out.write(f"(system message {'set' if text else 'removed'}; conversation reset)\n")
+            continue
+        if line.startswith("/"):
+            out.write(f"unknown command {line.split()[0]}; {CHAT_HELP}\n")
             continue
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        ids = prompt_ids(em, system + history)[-limit:]
+        ids = chat.prompt_ids(system + history)[-limit:]
         new, shown = [], ""
         out.write("bot> ")
         try:
             for tok in em.model.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_p=args.top_p, stop_ids=stop_ids(em)):
+                                       top_p=args.top_p, stop_ids=chat.stop_ids):
                 new.append(tok)
                 text = em.tokenizer.decode(new)  # decode the whole reply: a lone piece loses its space
-                if any(s in text for s in stops):
+                if any(s in text for s in chat.stop_strings):
                     break
                 out.write(text[len(shown):])
                 out.flush()
@@ -314,23 +353,23 @@ def chat_loop(em, args, read=input, out=sys.stdout) -> list[dict]:
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
             out.write(" [interrupted]")
         out.write("\n")
-        history.append({"role": "assistant", "content": cut_at_stop(em.tokenizer.decode(new), stops)})
+        history.append({"role": "assistant", "content": cut_at_stop(em.tokenizer.decode(new), chat.stop_strings)})
     return system + history
 
 
-def _fail(e: Exception, debug: bool) -> int:
-    if debug:
-        raise e
-    print(f"eval.py: error: {e}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to eval / chat / compare; a mistake in the input is one line and status 2."""
     argv = sys.argv[1:] if argv is None else argv
     commands = {"chat": cmd_chat, "compare": cmd_compare}
-    if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
-    return cmd_eval(argv)
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return cmd_eval(argv)
+    except SFTError as e:
+        if "--debug" in argv:
+            raise
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval import SHARED_DATA, _device  # noqa: E402
-from evaluation.generation import generate_replies, load_eval_model  # noqa: E402
+from evaluation.generation import load_eval_model  # noqa: E402
 from evaluation.ifeval import load_ifeval  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def timed(em, convs, max_new_tokens, batch_size) -> tuple[float, list[str]]:
     if em.model.lm_head.weight.is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = generate_replies(em, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out = em.chat.replies(em.model, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
     if em.model.lm_head.weight.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - t0, out

@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import argparse
 import html
+from dataclasses import dataclass, field
 import sys
 from pathlib import Path
 
+from data.chat import chat_for
+from data.config import DataConfig, validate_data
 from data.formats import load_conversations
 from data.masking import IGNORE_INDEX, tokenize_conversation, tokenize_dataset
 from model.cli import run_cli
 from model.errors import SFTError
 from model.files import atomic_write
+from model.options import load_options, opt
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
@@ -74,6 +78,18 @@ def html_page(tokenizer, samples: list[tuple[int, dict]], title: str, summary: s
             "</p><p><span class=t>trained</span> <span class=m>masked (-100)</span></p>" + "".join(blocks))
 
 
+@dataclass
+class ModelPath:
+    path: str = opt("checkpoints/pico-base", "model folder whose tokenizer (and chat template) to use")
+
+
+@dataclass
+class InspectConfig:
+    """What this tool reads of a training config: model.path and the [data] section."""
+    model: ModelPath = field(default_factory=ModelPath)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="a training config (TOML); the flags below override it")
@@ -85,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategy", help="train_on_assistant, train_on_last, train_on_all (data.loss_on)")
     p.add_argument("--index", type=int, default=0, help="first sample to show")
     p.add_argument("-n", type=int, default=2, help="how many samples to show")
-    p.add_argument("--html", default="inspect.html", help="where to write the HTML page")
+    p.add_argument("--html", help="where to write the HTML page (default: runs/inspect/<data file>.html)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     return run_cli(lambda: run(args), args.debug)
@@ -93,14 +109,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from model.tokenizer import Tokenizer
-    from train import choose_template  # the same template choice as training
-    from training.config import load_config
     keys = {"data": "data.train", "format": "data.format", "model": "model.path", "template": "data.template",
             "max_len": "data.max_seq_len", "strategy": "data.loss_on"}
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in keys.items() if getattr(args, flag) is not None]
-    cfg = load_config(args.config, overrides)
+    # a training config holds more than this tool reads: it takes model.path and [data], checked
+    cfg = load_options(InspectConfig, args.config, overrides,
+                       skip=lambda key: not (key == "model.path" or key.startswith("data.")))
+    validate_data(cfg.data)
     tok = Tokenizer.from_pretrained(cfg.model.path)
-    template = choose_template(cfg, tok)
+    chat = chat_for(cfg.model.path, tok, cfg.data.template)  # the same choice as training
+    if chat.note:
+        print(f"note: {chat.note}")
+    template = chat.template
     convs = load_conversations(cfg.data.train, format=cfg.data.format)
     if not convs:
         raise SFTError(f"{cfg.data.train}: no conversations")
@@ -117,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         shown.append((i, s))
     summary = f"{cfg.data.train} with template {template}: {report.summary()}"
     print("---\n" + summary)
-    path = Path(args.html)
+    path = Path(args.html or Path("runs") / "inspect" / f"{Path(cfg.data.train).stem}.html")
     atomic_write(path, html_page(tok, shown, f"{Path(cfg.data.train).name} / {template}", summary))
     print(f"wrote {path}")
     return 0

@@ -3,8 +3,8 @@
 `Teacher.complete(messages, max_tokens, temperature) -> str` hides where the answer comes from:
 
 * **local**: a model folder (HF layout) run with our own `Transformer.generate`. The chat is
-  rendered with the folder's chat template (or `template=`; a base model without one uses
-  "alpaca"), then the reply is decoded and cut at the template's stop strings.
+  prompted through data/chat.py (the folder's chat template, or `template=`; a base model
+  without one uses "alpaca"), the same way training and evaluation prompt it.
 * **endpoint**: any OpenAI-compatible server, `POST {base_url}/chat/completions` with urllib,
   the API key read from an environment variable (never from a config file, so it is never
   written to disk or a log). Transient failures (connection errors, HTTP 429 and 5xx) are
@@ -110,23 +110,10 @@ class Teacher:
         raise SFTError(f"teacher endpoint {url}: gave up after {self.max_retries + 1} attempts ({last})")
 
     def _local_generate(self, batch, max_tokens, temperature) -> list[str]:
-        from data.templates import render, stop_strings
-        model, tok, template = self._local
-        prompts = [tok.encode(render(template, m, add_generation_prompt=True, bos_token=tok.bos_token,
-                                     eos_token=tok.eos_token)) for m in batch]
-        budget = model.config.max_position_embeddings
-        prompts = [p[-max(budget - max_tokens, 1):] for p in prompts]
+        model, chat = self._local
         self.calls += len(batch)
-        out = model.generate(prompts, max_new_tokens=max_tokens, temperature=temperature,
-                             top_k=40 if temperature > 0 else 0, seed=self.seed)
-        stops = stop_strings(template, tok.eos_token)
-        texts = []
-        for ids in out:
-            text = tok.decode(ids)
-            for s in stops:
-                text = text.split(s)[0]
-            texts.append(text.strip())
-        return texts
+        return chat.replies(model, batch, max_new_tokens=max_tokens, batch_size=len(batch),
+                            temperature=temperature, top_k=40 if temperature > 0 else 0, seed=self.seed)
 
 
 def _read_cache(path: Path) -> dict[str, str]:
@@ -135,17 +122,14 @@ def _read_cache(path: Path) -> dict[str, str]:
 
 
 def _load_local(folder: str, template: str | None, device: str):
+    """(model, Chat) of a local model folder; its template as data/chat.py resolves it."""
     import torch
 
-    from data.templates import template_from_tokenizer_config
+    from data.chat import chat_for
     from model import Tokenizer, load_pretrained
-    if template is None:
-        try:
-            template = template_from_tokenizer_config(folder)
-        except SFTError:
-            template = "alpaca"  # a base model has no chat template
     model = load_pretrained(folder, dtype=torch.float32, device=device).eval()
-    return model, Tokenizer.from_pretrained(folder), template
+    return model, chat_for(folder, Tokenizer.from_pretrained(folder), template or "auto",
+                           model.config.eos_ids, option="[teacher] template")
 
 
 def teacher_from_config(cfg: dict, cache_path: str | None = None) -> Teacher:

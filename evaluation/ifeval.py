@@ -81,7 +81,8 @@ def score_responses(items: list[dict], responses: list[str]) -> dict:
         "n_prompts": len(records),
         "n_instructions": sum(len(r["strict"]) for r in records),
     }
-    rows = [[iid, n, s / n, l / n] for iid, (n, s, l) in sorted(per_type.items())]
+    by_type = {iid: {"n": n, "strict": s / n, "loose": l / n} for iid, (n, s, l) in sorted(per_type.items())}
+    rows = [[iid, v["n"], v["strict"], v["loose"]] for iid, v in by_type.items()]
     by_cat: dict[str, list[int]] = {}
     for iid, (n, s, l) in per_type.items():
         c = by_cat.setdefault(iid.split(":")[0], [0, 0, 0])
@@ -93,17 +94,17 @@ def score_responses(items: list[dict], responses: list[str]) -> dict:
     return {"metrics": metrics,
             "tables": {"per instruction type": {"header": header, "rows": rows},
                        "per category": {"header": ["category", "n", "strict", "loose"], "rows": cat_rows}},
+            "per_type": by_type,  # the same figures by name: {instruction id: {n, strict, loose}}
             "records": records}
 
 
 def evaluate_ifeval(em, path: str | Path, limit: int | None = None, max_new_tokens: int = 256,
                     batch_size: int = 8, progress=None) -> dict:
     """Generate an answer to each IFEval prompt with `em` (an EvalModel), then score them."""
-    from evaluation.generation import generate_replies  # keeps scoring importable without a model
     items = load_ifeval(path, limit)
     convs = [[{"role": "user", "content": it["prompt"]}] for it in items]
-    responses = generate_replies(em, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 progress=progress)
+    responses = em.chat.replies(em.model, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                progress=progress)
     result = score_responses(items, responses)
     result["config"] = {"data": str(path), "limit": limit, "max_new_tokens": max_new_tokens,
                         "template": em.template}

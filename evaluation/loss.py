@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from data.masking import tokenize_dataset
 from data.packing import collate, pack
 from model.errors import SFTError
-from model.loss import masked_ce_sum
+from model.loss import loss_over_rows
 
 
-@torch.no_grad()
 def heldout_loss(model, tokenizer, template: str, conversations: list[list[dict]], max_len: int | None = None,
                  batch_size: int = 8, source: str = "held-out data") -> dict:
     """Masked loss/perplexity of `conversations` under `template`; counts what was skipped."""
@@ -36,16 +33,10 @@ def heldout_loss(model, tokenizer, template: str, conversations: list[list[dict]
     if not samples:
         raise SFTError(f"{source}: no conversation left to score with template {template!r} and "
                        f"max_len {max_len}: {report.summary()}")
-    rows = pack(samples, max_len)
-    device = next(model.parameters()).device
-    total, n_tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
-        hidden = model(batch["input_ids"], position_ids=batch["position_ids"], seq_ids=batch["seq_ids"],
-                       return_hidden=True)                     # (B, T, D)
-        loss_sum, n = masked_ce_sum(model, hidden, batch["labels"])
-        total += float(loss_sum)
-        n_tokens += n
+    rows = collate(pack(samples, max_len))
+    n_rows = len(rows["input_ids"])
+    batches = [list(range(s, min(s + batch_size, n_rows))) for s in range(0, n_rows, batch_size)]
+    total, n_tokens = loss_over_rows(model, rows, batches)  # the function training uses too
     loss = total / max(1, n_tokens)
     return {"metrics": {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "n_tokens": n_tokens,
                         "n_conversations": len(samples)},

@@ -279,6 +279,6 @@ def write_folder(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, SFTError):
+        if isinstance(e, OSError):
             raise _os_error(path, e) from None
         raise

@@ -25,9 +25,11 @@ The pieces, and the detail each one must get exactly right to match Hugging Face
   (a fused kernel) does the sharing itself with `enable_gqa=True`, without repeated K/V copies.
 * SwiGLU MLP: down(silu(gate(x)) * up(x)).
 
-Memory for training: RMSNorm and SwiGLU are small autograd Functions that keep only their
-inputs for backward and recompute the cheap elementwise rest; their outputs, which the next
-projections would keep, are recomputed in backward too (model/recompute.py). Same results.
+This file is the plain math. Speed and memory work for training on a CPU (oneDNN matrix
+products, RMSNorm/SwiGLU backward written by hand, activations recomputed instead of stored) is
+applied to a built model from outside by `model.speedups.apply(model)`, which swaps in
+subclasses with the same parameters and bit-identical results; activation checkpointing and
+FSDP are applied from outside too (training/distributed.py).
 
 Masks: with no `seq_ids` the plain causal mask is used (`is_causal=True`, the fast path). With
 `seq_ids` (B, T) a token attends only to earlier tokens *with the same id*: a block-diagonal causal
@@ -45,7 +47,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -53,8 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import SFTError
-from model.matmul import Linear
-from model.recompute import recompute_saved
 from model.sampling import sample
 
 
@@ -158,33 +157,6 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """y = w * (x * r).to(dtype), r = rsqrt(mean(x^2) + eps) per row; keeps only x and r (B, T, 1).
-
-    Left to autograd, the chain of small ops keeps x, x * r and more for backward: an extra
-    (B, T, D) tensor per norm, two per layer. Backward recomputes xhat = x * r instead:
-        g' = g * w (fp32),  dx = r * (g' - xhat * mean(g' * xhat)),  dw = sum over rows of g * xhat
-    (the mean term is the derivative of r through mean(x^2)). Forward ops are HF's, in HF's order.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(_acc(x))
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, r)
-        return weight * (xf * r).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, weight, r = ctx.saved_tensors
-        xhat = x.to(r.dtype) * r
-        dw = ((g.to(r.dtype) * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-              if ctx.needs_input_grad[1] else None)
-        gw = (g * weight).to(r.dtype)
-        dx = r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
-        return dx.to(x.dtype), dw, None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -192,7 +164,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFn.apply(x, self.weight, self.eps)
+        h = x.to(_acc(x))                                        # statistics in fp32
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)                       # cast back, then scale (HF's order)
 
 
 def rope_inv_freq(cfg: Config, device=None) -> torch.Tensor:
@@ -255,10 +229,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
@@ -279,45 +253,17 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
-def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.silu(a) * b
-
-
-class _SwiGLUFn(torch.autograd.Function):
-    """silu(a) * b, keeping only a and b (B, T, F) for backward; autograd would keep silu(a) too.
-
-    With s = sigmoid(a):  d/da = g * b * s * (1 + a * (1 - s)) (aten's silu_backward of g * b),
-    d/db = g * silu(a), recomputed. One (B, T, F) tensor per layer less, the largest
-    activations of the block.
-    """
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a, b)
-        return swiglu(a, b)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        a, b = ctx.saved_tensors
-        # the very kernels autograd would run for silu(a) * b, minus the saved silu(a), each
-        # writing into a buffer it just made: two (B, T, F) temporaries at the peak, not four
-        db = F.silu(a).mul_(g)
-        gb = g * b
-        return torch.ops.aten.silu_backward.grad_input(gb, a, grad_input=gb), db
-
-
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the gate decides, per feature, how much of up passes."""
+
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, recompute: bool = True):
-        a, b = self.gate_proj(x), self.up_proj(x)
-        s = _SwiGLUFn.apply(a, b)
-        with recompute_saved(s, partial(swiglu, a, b), recompute):  # down_proj: recomputed s
-            return self.down_proj(s)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -327,15 +273,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.recompute = True  # False under whole-block checkpointing (model/recompute.py)
 
     def forward(self, h, cos, sin, mask, cache=None, layer=0):
-        x = self.input_layernorm(h)
-        with recompute_saved(x, partial(self.input_layernorm, h), self.recompute):  # keep h, not x
-            h = h + self.self_attn(x, cos, sin, mask, cache, layer)
-        x = self.post_attention_layernorm(h)
-        with recompute_saved(x, partial(self.post_attention_layernorm, h), self.recompute):
-            return h + self.mlp(x, self.recompute)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
@@ -366,7 +307,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         for m in self.modules():  # HF's init: N(0, 0.02); a no-op on the meta device
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -480,7 +421,7 @@ class Transformer(nn.Module):
         old = self.embed_tokens.weight
         self.embed_tokens = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
         _copy_rows_then_mean(self.embed_tokens.weight, old)
-        head = Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
+        head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
         if self.config.tie_word_embeddings:
             head.weight = self.embed_tokens.weight
         else:

@@ -130,3 +130,31 @@ def masked_ce_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
                 else _chunk_ce(head, hc, tc))
         total = part if total is None else total + part
     return total, n
+
+
+@torch.no_grad()
+def loss_over_rows(model: torch.nn.Module, rows: dict[str, torch.Tensor], batches: list[list[int]],
+                   chunk_size: int = 0) -> tuple[float, int]:
+    """(sum of masked CE, trainable tokens) over the packed rows in `batches` (lists of row
+    indices into the (N, T) tensors of `rows`): the held-out loss of training and evaluation.
+
+    The caller divides sum by count over ALL its rows (and processes), never averaging per
+    batch: batches hold different numbers of assistant tokens. An empty batch runs a forward
+    on row 0 without counting it, so that every FSDP process joins the same collectives.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    try:
+        for idx in batches:
+            sel = torch.tensor(idx or [0])
+            b = {k: v.index_select(0, sel).to(device, non_blocking=True) for k, v in rows.items()}
+            hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
+                           return_hidden=True)                      # (B, T, D)
+            s, k = masked_ce_sum(model, hidden, b["labels"], chunk_size)
+            if idx:
+                total, n = total + float(s), n + k
+    finally:
+        model.train(was_training)
+    return total, n

@@ -21,14 +21,16 @@ MKL's only by summation order (~1e-6 relative). On Intel CPUs the two libraries 
     Linear          nn.Linear whose forward is `linear`; state-dict names are unchanged
 
 The oneDNN entry point, `torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")`
-computes x @ w.T + bias; it is a private op, so it is tried once at import against `torch.mm`
-and anything unexpected (other torch version, no oneDNN, a non-x86 machine) falls back to
-torch's default silently. Under autocast, in bf16/fp16, on CUDA or inside torch.compile the
+computes x @ w.T + bias; it is a private op, so it is tried once (the first time it is switched
+on, never at import) against `torch.mm`, and anything unexpected (other torch version, no
+oneDNN, a non-x86 machine) falls back to torch's default. It is off until `set_onednn(True)`:
+model/speedups.py switches it on for training. Under autocast, in bf16/fp16, on CUDA or inside torch.compile the
 default path is taken: torch already sends bf16 CPU products to oneDNN, CUDA has cuBLAS, and
 the compiler picks its own GEMMs.
 """
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
@@ -36,25 +38,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _onednn_works() -> bool:
+@functools.cache
+def onednn_available() -> bool:
+    """Whether the private oneDNN linear op works here and agrees with torch.mm (tried once)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return False
     try:
-        a, b = torch.randn(5, 7), torch.randn(3, 7)
+        g = torch.Generator().manual_seed(0)  # a private generator: the caller's RNG is untouched
+        a, b = torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)
         got = torch.ops.mkldnn._linear_pointwise(a, b.t().contiguous().t(), None, "none", [], "")
         return got.shape == (5, 3) and torch.allclose(got, a @ b.t(), rtol=1e-5, atol=1e-5)
     except Exception:  # noqa: BLE001 - any failure means "not available here"
         return False
 
 
-_AVAILABLE = _onednn_works()
-_enabled = _AVAILABLE
+_enabled = False
 
 
 def set_onednn(enabled: bool) -> bool:
     """Route fp32 CPU products through oneDNN (when it works here); returns the state now in force."""
     global _enabled
-    _enabled = bool(enabled) and _AVAILABLE
+    _enabled = bool(enabled) and onednn_available()
     return _enabled
 
 

@@ -48,7 +48,7 @@ import math
 import torch
 from torch import nn
 
-from model.matmul import Linear, linear
+from model.matmul import linear
 
 # bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")), exact fp32 values, ascending.
 NF4_CODE = torch.tensor([
@@ -252,9 +252,9 @@ class Linear4bit(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype)
 
-    def to_linear(self, dtype: torch.dtype = torch.float32) -> Linear:
-        """A plain Linear holding the dequantized weight (for merging / exporting)."""
-        linear = Linear(self.in_features, self.out_features, bias=self.bias is not None,
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain nn.Linear holding the dequantized weight (for merging / exporting)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight_nf4.device, dtype=dtype)
         with torch.no_grad():
             linear.weight.copy_(self.dequantize(torch.float32))

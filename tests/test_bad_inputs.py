@@ -30,6 +30,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from data.chat import chat_for
 from data.formats import load_conversations
 from evaluation.ifeval import load_ifeval
 from evaluation.judge import load_questions
@@ -40,8 +41,8 @@ from model.errors import SFTError
 from model.llama import Config, Transformer
 from model.safetensors import SafeFile, load_file, load_sharded, save_file
 from model.tokenizer import Tokenizer
-from train import load_data
 from training.config import load_config
+from training.data import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 PICO = ROOT / "checkpoints" / "pico-base"
@@ -411,18 +412,18 @@ EVAL_DATA_CASES = [
 ]
 
 def train_data(content: str, *overrides: str):
-    """make(): (config, tokenizer) for train.load_data on a data file holding `content`."""
+    """make(): (config, chat) for training.data.prepare_data on a data file holding `content`."""
     def make(c):
         cfg = load_config(None, [f"data.train={put(c.tmp, 'data.jsonl', content)}", *overrides])
-        return cfg, Tokenizer.from_pretrained(c.tiny)
+        return cfg, chat_for(c.tiny, Tokenizer.from_pretrained(c.tiny), "alpaca")
     return make
 
 
 TRAIN_DATA_CASES = [
-    Case("train_data_file_empty", train_data("\n\n"), lambda a: load_data(*a, "alpaca"),
+    Case("train_data_file_empty", train_data("\n\n"), lambda a: prepare_data(*a),
          ("data.jsonl", "no conversations")),
     Case("train_data_all_held_out", train_data(jsonl(GOOD), "data.eval_fraction=0.5"),
-         lambda a: load_data(*a, "alpaca"),
+         lambda a: prepare_data(*a),
          ("data.jsonl", "data.eval_fraction")),
 ]
 

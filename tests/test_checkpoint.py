@@ -9,7 +9,6 @@ from torch import nn
 from model import Tokenizer, load_pretrained, save_pretrained
 from model.checkpoint import hf_state_dict
 from model.errors import SFTError
-from model.matmul import Linear
 from model.safetensors import load_file, save_file
 
 
@@ -77,7 +76,7 @@ def test_linear_hook_sees_each_linear_weight_and_may_replace_the_module(tiny_lla
     assert len(seen) == 2 * 7 + 1 and "lm_head" in seen and "layers.1.mlp.down_proj" in seen
     assert seen["layers.0.self_attn.k_proj"] == ((32, 64), torch.bfloat16)
     assert isinstance(model.layers[1].self_attn.q_proj, Marked)
-    assert type(model.layers[1].self_attn.k_proj) is Linear
+    assert type(model.layers[1].self_attn.k_proj) is nn.Linear
     ref = load_pretrained(tiny_llama2_dir, dtype=torch.bfloat16)
     x = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(x), ref(x))

@@ -34,7 +34,8 @@ N_ROWS, T, ROWS_PER_STEP, MICRO = 16, 24, 8, 2
 TOL = 1e-5
 # Weights are compared after AdamW, whose update m / sqrt(v) turns the last-bit differences of a
 # near-zero gradient entry (the order of the sum over ranks is not the order over micro-batches)
-# into differences of up to ~lr in that entry; at lr 1e-3 they stay well below TOL.
+# into differences of up to ~lr in that entry; at lr 1e-3 they stay well below TOL. Entries of
+# size ~1 (norm weights) also carry a few ulps of fp32 rounding: hence rtol TOL as well.
 
 
 def tiny_model(finetune: str) -> Transformer:
@@ -138,7 +139,7 @@ def assert_same_run(ours: dict, ref: dict) -> None:
     assert ours["weights"].keys() == ref["weights"].keys()
     for k, w in ref["weights"].items():
         if w.is_floating_point():
-            assert torch.allclose(ours["weights"][k], w, atol=TOL, rtol=0), k
+            assert torch.allclose(ours["weights"][k], w, atol=TOL, rtol=TOL), k
         else:  # NF4 codes
             assert torch.equal(ours["weights"][k], w), k
 
@@ -218,7 +219,7 @@ def test_train_py_under_torchrun_matches_one_process_and_resumes_in_one(tmp_path
         pytest.skip("checkpoints/pico-base or the quickstart data is missing")
     import shutil
 
-    import train as T
+    from training import loop as T
     from model.checkpoint import load_pretrained, save_pretrained
     from model.tokenizer import Tokenizer
     from training.config import load_config
@@ -245,7 +246,7 @@ def test_train_py_under_torchrun_matches_one_process_and_resumes_in_one(tmp_path
         assert len(a) == len(b) and all(abs(x - y) <= tol * max(1.0, abs(x))
                                         for x, y in zip(a, b)), (key, a, b)
     w1, w2 = load_pretrained(one / "final").state_dict(), load_pretrained(two / "final").state_dict()
-    assert all(torch.allclose(w1[k], w2[k], atol=TOL, rtol=0) for k in w1)
+    assert all(torch.allclose(w1[k], w2[k], atol=TOL, rtol=TOL) for k in w1)
     # the checkpoint written by 2 processes at step 2 resumes in 1 process on the same curve
     three = tmp_path / "three"
     shutil.copytree(two, three)

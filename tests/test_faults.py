@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import train as T
+import train
+from training import loop as T
 from model.checkpoint import load_pretrained, save_pretrained
 from model.errors import SFTError
 from model.llama import Config, Transformer
@@ -171,7 +172,7 @@ def test_too_many_bad_steps_stop_the_run_with_a_message_naming_the_key(tmp_path,
     for _, folder in ckpt.step_dirs(run):                   # every checkpoint on disk is usable
         assert all_finite(folder)
     # the CLI says it on one line and exits 2 (max_bad_steps=0: stop at the first bad step)
-    assert T.main(overrides(tmp_path, tiny_dir, "diverged_cli", "train.max_bad_steps=0")) == 2
+    assert train.main(overrides(tmp_path, tiny_dir, "diverged_cli", "train.max_bad_steps=0")) == 2
 
 
 # ----------------------------------------------------------------------------- 3. full disk

@@ -1,14 +1,17 @@
-"""The memory-saving autograd Functions compute the same values and gradients as plain autograd.
+"""The speed/memory work of model/speedups.py changes nothing but speed and memory.
 
-model/llama.py's RMSNorm and SwiGLU keep fewer tensors for backward and write their backward by
-hand; a sign or a missing term there would train a subtly wrong model without any error, so the
-hand-written gradients are checked numerically (gradcheck, float64) and the forwards against
-the op-by-op formulas in fp32 and bf16.
+Its RMSNorm and SwiGLU keep fewer tensors for backward and write their backward by hand; a sign
+or a missing term there would train a subtly wrong model without any error, so the hand-written
+gradients are checked numerically (gradcheck, float64) and the forwards against the op-by-op
+formulas in fp32 and bf16. A model with `speedups.apply` gives the plain model's gradients bit
+for bit (oneDNN off) or within fp32 summation-order rounding (oneDNN on).
 """
 import torch
 import torch.nn.functional as F
 
-from model.llama import _RMSNormFn, _SwiGLUFn
+from model import speedups
+from model.matmul import set_onednn
+from model.speedups import _RMSNormFn, _SwiGLUFn
 
 
 def reference_rmsnorm(x, w, eps):
@@ -54,6 +57,11 @@ def _tiny_model(seed=0):
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
 
 
+def _lean(model, **switches):
+    speedups.apply(model, onednn=False, **switches)
+    return model
+
+
 def _grads(model, recompute: bool, retain: bool = False):
     from model.loss import masked_ce_sum
     for layer in model.layers:
@@ -71,9 +79,9 @@ def _grads(model, recompute: bool, retain: bool = False):
 def test_recomputed_activations_give_bit_identical_gradients():
     import lora
     from model.nf4 import quantize_model_linears
-    full = _tiny_model()
-    with_lora = lora.apply_lora(_tiny_model(), r=4, targets="all-linear", dropout=0.1)
-    qlora = lora.apply_lora(quantize_model_linears(_tiny_model()), r=4, targets="all-linear")
+    full = _lean(_tiny_model())
+    with_lora = _lean(lora.apply_lora(_tiny_model(), r=4, targets="all-linear", dropout=0.1))
+    qlora = _lean(lora.apply_lora(quantize_model_linears(_tiny_model()), r=4, targets="all-linear"))
     for model in (full, with_lora, qlora):
         for retain in (False, True):
             kept, recomputed = _grads(model, False, retain), _grads(model, True, retain)
@@ -87,7 +95,7 @@ def test_norm_and_swiglu_outputs_are_not_kept_for_backward():
     import gc
     import weakref
     for recompute in (False, True):
-        model = _tiny_model()
+        model = _lean(_tiny_model())
         refs = []
         for layer in model.layers:
             layer.recompute = recompute
@@ -100,3 +108,25 @@ def test_norm_and_swiglu_outputs_are_not_kept_for_backward():
         # 4 norm outputs and 2 SwiGLU outputs; recomputed ones are gone, kept ones live on
         assert len(refs) == 6 and alive == (0 if recompute else 6), (recompute, alive)
         loss.backward()
+
+
+def test_speedups_give_the_plain_models_gradients():
+    """apply() swaps classes in place: same parameters, same gradients. Recomputation alone is
+    bit-exact; the hand-written backward and oneDNN products round differently (fp32 sums in
+    another order), so those are compared at fp32 tolerance: |a - b| <= 1e-5 |b| + 1e-6."""
+    import lora
+    for make in (_tiny_model, lambda: lora.apply_lora(_tiny_model(), r=4, targets="all-linear")):
+        plain = _grads(make(), recompute=False)
+        recomputed = _grads(_lean(make(), lean_backward=False), recompute=True)
+        assert plain.keys() == recomputed.keys()
+        for name in plain:
+            assert torch.equal(plain[name], recomputed[name]), name
+        applied = make()
+        state = speedups.apply(applied)
+        try:
+            fast = _grads(applied, recompute=True)
+        finally:
+            set_onednn(False)
+        for name in plain:
+            torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert state.lean_backward and state.recompute

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import lora
 from model.errors import SFTError
-from model.matmul import Linear
 from model.llama import Config, Transformer
 from model.loss import masked_ce_sum
 from model.nf4 import Linear4bit, quantize_model_linears
@@ -53,7 +53,7 @@ def test_all_linear_targets_every_projection_but_the_head():
     model = lora.apply_lora(tiny_model(), targets="all-linear")
     assert set(model.lora_config["target_modules"]) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert type(model.lm_head) is Linear and len(lora.lora_layers(model)) == 14
+    assert type(model.lm_head) is nn.Linear and len(lora.lora_layers(model)) == 14
 
 
 def test_unknown_target_is_a_clear_error():
@@ -84,7 +84,7 @@ def test_merge_lora_gives_plain_linears_with_the_same_logits():
         before = model(ids())
         lora.merge_lora(model)
         after = model(ids())
-    assert not lora.lora_layers(model) and type(model.layers[0].self_attn.q_proj) is Linear
+    assert not lora.lora_layers(model) and type(model.layers[0].self_attn.q_proj) is nn.Linear
     assert torch.allclose(before, after, atol=1e-4)
 
 
@@ -96,7 +96,7 @@ def test_qlora_merge_dequantizes_into_a_full_precision_linear():
         before = model(ids())
         layer = model.layers[0].self_attn.o_proj
         layer.merge()
-        assert type(layer.base_layer) is Linear
+        assert type(layer.base_layer) is nn.Linear
         layer.unmerge()
         assert isinstance(layer.base_layer, Linear4bit)
         lora.merge_lora(model)

@@ -71,8 +71,11 @@ def test_packed_row_of_two_samples_gives_same_logits_as_each_alone(pico):
     with torch.no_grad():
         out = pico(packed, position_ids=pos, seq_ids=seq)
         la, lb = pico(torch.tensor([a])), pico(torch.tensor([b]))
-    torch.testing.assert_close(out[:, :len(a)], la, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[:, len(a):], lb, atol=1e-5, rtol=0)
+    # Same math, other GEMM shapes: fp32 sums of 256-688 products in another order. Each of the
+    # ~20 matmuls between input and logit may move a value by a few ulps (eps = 1.2e-7), so a
+    # logit (|x| up to ~15) agrees to ~1e-6 relative: rtol 1e-5 (~80 ulps), atol 1e-5 near 0.
+    torch.testing.assert_close(out[:, :len(a)], la, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, len(a):], lb, atol=1e-5, rtol=1e-5)
 
 
 def test_without_seq_ids_a_packed_row_leaks_across_samples(pico):

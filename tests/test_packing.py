@@ -95,7 +95,8 @@ def test_packed_loss_equals_unpacked_loss_token_for_token(pico_dir):
             n = len(smp["input_ids"])
             l2, v2 = loss[b, off:off + n - 1], valid[b, off:off + n - 1]
             assert torch.equal(v1[0], v2)
-            assert torch.allclose(l1[0][v1[0]], l2[v2], atol=1e-5, rtol=0)
+            # fp32 sums in another order (another GEMM shape): a few ulps per matmul -> 1e-5 relative
+            assert torch.allclose(l1[0][v1[0]], l2[v2], atol=1e-5, rtol=1e-5)
             total_alone += l1[0][v1[0]].sum().item()
             n_alone += int(v1[0].sum())
         assert int(valid.sum()) == n_alone  # no extra prediction across boundaries or padding

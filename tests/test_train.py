@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import train as T
+import train
+from training import loop as T
+from training import step as S
 from model.checkpoint import load_pretrained, save_pretrained
+from model.errors import SFTError
 from model.llama import Config, Transformer
 from model.loss import masked_ce_sum
 from model.tokenizer import Tokenizer
@@ -69,14 +72,14 @@ def stack(rows):
 
 def grads_after(model, batches, n_tokens):
     model.zero_grad()
-    T.forward_backward(model, batches, 1.0 / n_tokens, chunk=7)
+    S.forward_backward(model, batches, 1.0 / n_tokens, chunk=7)
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(tiny_dir):
     model = load_pretrained(tiny_dir).train()
     rows = synthetic_rows()
-    n = sum(T.trainable_tokens(stack([r])) for r in rows)
+    n = sum(S.trainable_tokens(stack([r])) for r in rows)
     big = grads_after(model, [stack(rows)], n)
     accum = grads_after(model, [stack(rows[:1]), stack(rows[1:3]), stack(rows[3:])], n)
     assert ((accum - big).norm() / big.norm()).item() <= 1e-6
@@ -118,7 +121,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, ti
 
     monkeypatch.setattr(ckpt.torch, "save", failing_save)
     cfg = cfg_for(tmp_path, tiny_dir, "crash", "run.save_every=2", "run.keep_last_n=1")
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(SFTError, match=r"step_4: cannot write \(disk full \(simulated\)\)"):
         T.train(cfg)
     run = Path(tmp_path) / "crash"
     assert [p.name for _, p in ckpt.step_dirs(run)] == ["step_2"]
@@ -148,11 +151,11 @@ def test_existing_run_folder_is_not_silently_reused(tmp_path, tiny_dir):
 
 
 def test_cli_prints_config_errors_on_one_line_and_exits_2(capsys):
-    assert T.main(["optim.lrr=1"]) == 2
+    assert train.main(["optim.lrr=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "did you mean 'optim.lr'" in err
     with pytest.raises(SystemExit):
-        T.main(["--help"])
+        train.main(["--help"])
     assert "optim.warmup_steps" in capsys.readouterr().out
 
 
