@@ -21,6 +21,12 @@ Templates (data/templates.py) turn a conversation into segments `(text, Part)`; 
 what the text is, so masking can decide what trains (data/masking.py) and data.inspect can
 colour it. Only the model's own output trains by default: ANSWER (assistant text plus its
 end-of-turn marker), TOOL_CALL, and REASONING unless `data.train_on_reasoning = false`.
+
+`validate_conversation` checks the shape every template accepts (where a loader or a caller
+hands a conversation over): an optional system message, then user and assistant alternating
+from the user, tool results right after the assistant tool call they answer, and the fields
+above with their types. A tool list with an empty `[]` is not the same as None: the Llama-3.1
+Jinja still writes its tool preamble for `[]`, so loaders store None when a record has no tools.
 """
 from __future__ import annotations
 
