@@ -21,11 +21,19 @@ Templates (data/templates.py) turn a conversation into segments `(text, Part)`; 
 what the text is, so masking can decide what trains (data/masking.py) and data.inspect can
 colour it. Only the model's own output trains by default: ANSWER (assistant text plus its
 end-of-turn marker), TOOL_CALL, and REASONING unless `data.train_on_reasoning = false`.
+
+`validate_conversation` checks the shape every template accepts (where a loader or a caller
+hands a conversation over): an optional system message, then user and assistant alternating
+from the user, tool results right after the assistant tool call they answer, and the fields
+above with their types. A tool list with an empty `[]` is not the same as None: the Llama-3.1
+Jinja still writes its tool preamble for `[]`, so loaders store None when a record has no tools.
 """
 from __future__ import annotations
 
 from enum import Enum
 from typing import Literal
+
+from model.errors import SFTError
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
@@ -65,3 +73,72 @@ class Conversation(list):
 def tools_of(messages: list[dict]) -> list[dict] | None:
     """The tool schemas a conversation carries (None for a plain list of messages)."""
     return getattr(messages, "tools", None)
+
+
+Segments = list[tuple[str, Part]]  # a rendered conversation, cut where the Part changes
+
+
+def tool_data_in(messages: list[dict], tools: list[dict] | None) -> str | None:
+    """What a template without tool syntax would drop: "tool list", "assistant tool calls" or None.
+
+    (Tool results need a preceding call in a valid conversation, so the calls name them too.)
+    """
+    if tools:
+        return "tool list"
+    if any(m.get("tool_calls") for m in messages):
+        return "assistant tool calls"
+    return None
+
+
+def has_reasoning(messages: list[dict]) -> bool:
+    """True when some assistant message carries thinking text in its `reasoning` field."""
+    return any(m.get("reasoning") for m in messages)
+
+
+_NEXT_ROLES = {None: ("system", "user"), "system": ("user",), "user": ("assistant",),
+               "assistant": ("user",), "tool": ("tool", "assistant")}
+
+
+def validate_conversation(messages: list[dict], where: str = "conversation", tools: list[dict] | None = None) -> None:
+    """Raise SFTError unless the conversation has the shape every template accepts.
+
+    Order: an optional system message, then user first; user -> assistant -> user ...; an assistant
+    message with tool_calls may be followed by its tool results (role "tool", one or more), and
+    those by the next assistant message. `tools` (default: the conversation's own) must be a list
+    of JSON objects or None. Fields: a string `content` everywhere; `tool_calls`
+    ([{"name": str, "arguments": dict}]) and `reasoning` (str) only on assistant messages.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise SFTError(f"{where}: a conversation must be a non-empty list of messages")
+    tools = tools_of(messages) if tools is None else tools
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise SFTError(f"{where}: 'tools' must be a list of JSON schema objects, got {type(tools).__name__}")
+    prev = None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise SFTError(f"{where}: message {i} must be a dict with a string 'content'")
+        allowed = _NEXT_ROLES[prev]
+        if prev == "assistant" and messages[i - 1].get("tool_calls"):
+            allowed = ("user", "tool")
+        if m.get("role") not in allowed:
+            raise SFTError(f"{where}: message {i} has role {m.get('role')!r}, expected "
+                           f"{' or '.join(repr(r) for r in allowed)} (an optional system message, then "
+                           "user/assistant alternating, user first; tool results follow an assistant tool call)")
+        prev = m["role"]
+        for key in ("tool_calls", "reasoning"):
+            if m.get(key) is not None and m["role"] != "assistant":
+                raise SFTError(f"{where}: message {i} ({m['role']}) has {key!r}; only assistant messages may")
+        if m.get("reasoning") is not None and not isinstance(m["reasoning"], str):
+            raise SFTError(f"{where}: message {i}: 'reasoning' must be a string")
+        for k, call in enumerate(m.get("tool_calls") or ()):
+            if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"]
+                    and isinstance(call.get("arguments"), dict)):
+                raise SFTError(f"{where}: message {i} tool call {k} must be {{\"name\": str, \"arguments\": "
+                               "dict}} (arguments parsed from JSON)")
+
+
+def split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
+    """(the leading system message's content or None, the messages after it)."""
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return None, messages

@@ -27,7 +27,7 @@ from pathlib import Path
 from data.chat import chat_for
 from data.config import DataConfig, validate_data
 from data.formats import load_conversations
-from data.masking import IGNORE_INDEX, tokenize_conversation, tokenize_dataset
+from data.masking import IGNORE_INDEX, tokenize_conversation_samples, tokenize_dataset
 from model.cli import run_cli
 from model.errors import SFTError
 from model.files import atomic_write
@@ -127,14 +127,14 @@ def run(args: argparse.Namespace) -> int:
     _, report = tokenize_dataset(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, source=cfg.data.train)
     shown = []
     for i in range(args.index, min(args.index + args.n, len(convs))):
-        s = tokenize_conversation(tok, template, convs[i], cfg.data.max_seq_len, cfg.data.loss_on,
-                                  where=f"{cfg.data.train} conversation {i}")
+        samples = tokenize_conversation_samples(tok, template, convs[i], cfg.data.max_seq_len, cfg.data.loss_on,
+                                                where=f"{cfg.data.train} conversation {i}")
         print(f"--- conversation {i} (template {template}, {cfg.data.loss_on}) ---")
-        if s is None:
+        if not samples:
             print("(dropped: no trainable token within max_seq_len)")
-            continue
-        print(marked_text(tok, s, color=sys.stdout.isatty()))
-        shown.append((i, s))
+        for s in samples:  # several where the template rewrites earlier turns (Qwen3)
+            print(marked_text(tok, s, color=sys.stdout.isatty()))
+            shown.append((i, s))
     summary = f"{cfg.data.train} with template {template}: {report.summary()}"
     print("---\n" + summary)
     path = Path(args.html or Path("runs") / "inspect" / f"{Path(cfg.data.train).stem}.html")

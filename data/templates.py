@@ -1,22 +1,30 @@
 """Chat templates, written by hand: a conversation -> the exact text a model was trained on.
 
 A chat model only behaves if it sees, byte for byte, the markup it was fine-tuned with:
-`[INST] ... [/INST]` for Llama-2, `<|im_start|>role\\n...<|im_end|>` for ChatML, and so on. The
-Hugging Face world stores that markup as a Jinja program in `tokenizer_config.json`
+`[INST] ... [/INST]` for Llama-2, `<|im_start|>role\\n...<|im_end|>` for ChatML and Qwen, and so on.
+The Hugging Face world stores that markup as a Jinja program in `tokenizer_config.json`
 (`chat_template`). We do not run Jinja (no dependency, and Jinja cannot tell us which characters
 belong to the answer). Instead each family is a small Python function that reproduces its Jinja
 template exactly -- tests/parity/ renders both on the same conversations and compares bytes --
-and that returns the text as *segments* `(text, trainable)`:
+and that returns the text as *segments* `(text, Part)` (data/conversation.py):
 
-    [("<s>### Instruction:\\nHi\\n\\n### Response:\\n", False), ("Hello!</s>", True), ("\\n\\n", False)]
+    [("<s>### Instruction:\\nHi\\n\\n### Response:\\n", CONTEXT), ("Hello!</s>", ANSWER), ("\\n\\n", CONTEXT)]
 
-`render()` joins the segments; `render_segments()` hands them to data/masking.py, which turns
-them into labels. The trainable segment of an assistant turn is its reply *plus the end-of-turn
-marker* (`</s>`, `<|im_end|>`, `<|eot_id|>`): a model that never learns to emit it never stops.
-Everything before it -- the role header a generation prompt would end with -- is context.
-Invariant (tested): the text before an assistant's trainable segment equals
-`render(messages_up_to_that_user_turn, add_generation_prompt=True)`, so training and inference
-see the same prompt.
+The Part says what the text is: CONTEXT (markup, system and user turns, the tool list),
+TOOL_RESULT (what a tool returned), REASONING (the assistant's thinking), TOOL_CALL and ANSWER.
+`render()` joins the segments; `render_segments()` hands them to data/masking.py, which decides
+from the Parts what trains. An assistant's ANSWER or TOOL_CALL segment includes the end-of-turn
+marker that closes it (`</s>`, `<|im_end|>`, `<|eot_id|>`): a model that never learns to emit it
+never stops. Everything before the turn -- the role header a generation prompt ends with -- is
+context. Invariant (tested): the text before an assistant turn's first model-written segment
+equals `render(messages_before_that_turn, add_generation_prompt=True)`, so training and
+inference see the same prompt; each assistant turn is one run of model-written segments.
+
+Families: alpaca, chatml, llama2, llama3 (Meta-Llama-3), mistral, zephyr, vicuna here; the four
+with tool and thinking syntax -- llama3.1 (also Llama-3.3), llama3.2, qwen2.5, qwen3 -- in
+data/tool_templates.py, which also parses generated tool calls back (`parse_tool_calls`). A
+template without tool syntax refuses a conversation with tools, tool calls or tool results, and
+one without thinking syntax refuses `reasoning`, rather than silently dropping them.
 
 BOS/EOS strings are part of the text, exactly where the Jinja template writes `bos_token` /
 `eos_token`; the tokenizer maps those strings to their special ids. Pass the tokenizer's own
@@ -29,22 +37,27 @@ Mistral-7B-Instruct-v0.1 template rejects it ("Only user and assistant roles are
 its text also differs from ours (`[INST]` without the leading space), so it is not mapped to
 "mistral" (tests/parity/ shows both).
 
-Conversations are validated the same way for every family (an optional leading system message,
-then user/assistant alternating, starting with the user); some Jinja templates accept more
-(Llama-3 and ChatML check nothing), none of ours writes text for an invalid conversation.
+Conversations are validated the same way for every family (data.conversation.validate_conversation:
+an optional leading system message, then user/assistant alternating from the user, tool results
+after a tool call); some Jinja templates accept more, none of ours writes text for an invalid one.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from data.conversation import (Part, Segments, has_reasoning, split_system, tool_data_in, tools_of,
+                               validate_conversation)
+from data.conversation import validate_conversation as validate_messages  # noqa: F401  (old name, data/formats.py)
+from data.jinja_sources import KNOWN_JINJA  # name -> the Jinja source we reproduce (saved with models)
+# parse_tool_calls and ParsedCalls are public here too: data.templates is the one entry point
+from data.tool_templates import (DATED_FAMILIES, LLAMA_DEFAULT_DATE, THINKING_FAMILIES, TOOL_FAMILIES,  # noqa: F401
+                                 TOOL_FAMILY_STOPS, ParsedCalls, RenderOptions, parse_tool_calls)
 from model.errors import SFTError
 from model.files import read_json
 
-Segments = list[tuple[str, bool]]
-
 # The bos/eos strings each family's own tokenizer uses; only used where the Jinja template writes
-# `bos_token`/`eos_token` (Llama-3 and ChatML hard-code their turn markers instead).
+# `bos_token`/`eos_token` (Llama-3 and ChatML hard-code their turn markers instead; Qwen has no BOS).
 FAMILY_TOKENS = {
     "alpaca": ("<s>", "</s>"),
     "chatml": ("<s>", "<|im_end|>"),
@@ -53,160 +66,181 @@ FAMILY_TOKENS = {
     "mistral": ("<s>", "</s>"),
     "zephyr": ("<s>", "</s>"),
     "vicuna": ("<s>", "</s>"),
+    "llama3.1": ("<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.2": ("<|begin_of_text|>", "<|eot_id|>"),
+    "qwen2.5": ("", "<|im_end|>"),
+    "qwen3": ("", "<|im_end|>"),
 }
 VICUNA_DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-
-
-def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
-    if messages and messages[0]["role"] == "system":
-        return messages[0]["content"], messages[1:]
-    return None, messages
+C, A = Part.CONTEXT, Part.ANSWER  # the only two Parts the tool-less families write
 
 
 # ---- one function per family; each mirrors the Jinja template named in its docstring ----
 
-def _alpaca(messages, gen, bos, eos) -> Segments:
+def _alpaca(messages, gen, o: RenderOptions) -> Segments:
     """chujiezheng/chat_templates alpaca.jinja (lines stripped and joined)."""
-    system, turns = _split_system(messages)
-    segs = [(bos + ("" if system is None else system.strip() + "\n\n"), False)]
+    system, turns = split_system(messages)
+    segs = [(o.bos + ("" if system is None else system.strip() + "\n\n"), C)]
     for m in turns:
         if m["role"] == "user":
-            segs.append(("### Instruction:\n" + m["content"].strip() + "\n\n", False))
+            segs.append(("### Instruction:\n" + m["content"].strip() + "\n\n", C))
         else:
-            segs += [("### Response:\n", False), (m["content"].strip() + eos, True), ("\n\n", False)]
+            segs += [("### Response:\n", C), (m["content"].strip() + o.eos, A), ("\n\n", C)]
     if gen:
-        segs.append(("### Response:\n", False))
+        segs.append(("### Response:\n", C))
     return segs
 
 
-def _chatml(messages, gen, bos, eos) -> Segments:
+def _chatml(messages, gen, o: RenderOptions) -> Segments:
     """OpenHermes-2.5 / ChatML: every message `<|im_start|>role\\ncontent<|im_end|>\\n`, no strip."""
     segs = []
     for m in messages:
         if m["role"] == "assistant":
-            segs += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
+            segs += [("<|im_start|>assistant\n", C), (m["content"] + "<|im_end|>", A), ("\n", C)]
         else:
-            segs.append(("<|im_start|>" + m["role"] + "\n" + m["content"] + "<|im_end|>\n", False))
+            segs.append(("<|im_start|>" + m["role"] + "\n" + m["content"] + "<|im_end|>\n", C))
     if gen:
-        segs.append(("<|im_start|>assistant\n", False))
+        segs.append(("<|im_start|>assistant\n", C))
     return segs
 
 
-def _llama2(messages, gen, bos, eos) -> Segments:
+def _llama2(messages, gen, o: RenderOptions) -> Segments:
     """Llama-2-chat: system inside the first user turn as `<<SYS>>\\n..\\n<</SYS>>\\n\\n`; no generation prompt."""
-    system, turns = _split_system(messages)
+    system, turns = split_system(messages)
     segs = []
     for i, m in enumerate(turns):
         content = m["content"]
         if i == 0 and system is not None:
             content = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + content
         if m["role"] == "user":
-            segs.append((bos + "[INST] " + content.strip() + " [/INST]", False))
+            segs.append((o.bos + "[INST] " + content.strip() + " [/INST]", C))
         else:
-            segs.append((" " + content.strip() + " " + eos, True))
+            segs.append((" " + content.strip() + " " + o.eos, A))
     return segs
 
 
-def _llama3(messages, gen, bos, eos) -> Segments:
+def _llama3(messages, gen, o: RenderOptions) -> Segments:
     """Meta-Llama-3-Instruct: header per message, content trimmed, `<|eot_id|>` ends every turn."""
-    segs = [(bos, False)]
+    segs = [(o.bos, C)]
     for m in messages:
         header = "<|start_header_id|>" + m["role"] + "<|end_header_id|>\n\n"
         if m["role"] == "assistant":
-            segs += [(header, False), (m["content"].strip() + "<|eot_id|>", True)]
+            segs += [(header, C), (m["content"].strip() + "<|eot_id|>", A)]
         else:
-            segs.append((header + m["content"].strip() + "<|eot_id|>", False))
+            segs.append((header + m["content"].strip() + "<|eot_id|>", C))
     if gen:
-        segs.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
+        segs.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", C))
     return segs
 
 
-def _mistral(messages, gen, bos, eos) -> Segments:
+def _mistral(messages, gen, o: RenderOptions) -> Segments:
     """Mixtral-8x7B-Instruct-v0.1 / Mistral-7B-Instruct-v0.2: system joins the first user turn; no strip."""
-    system, turns = _split_system(messages)
-    segs = [(bos, False)]
+    system, turns = split_system(messages)
+    segs = [(o.bos, C)]
     for i, m in enumerate(turns):
         if m["role"] == "user":
             content = m["content"] if (i > 0 or system is None) else system + "\n\n" + m["content"]
-            segs.append((" [INST] " + content + " [/INST]", False))
+            segs.append((" [INST] " + content + " [/INST]", C))
         else:
-            segs.append((" " + m["content"] + eos, True))
+            segs.append((" " + m["content"] + o.eos, A))
     return segs
 
 
-def _zephyr(messages, gen, bos, eos) -> Segments:
+def _zephyr(messages, gen, o: RenderOptions) -> Segments:
     """zephyr-7b-beta / TinyLlama-Chat: `<|role|>\\ncontent</s>\\n`, no strip, no BOS in the text."""
     segs = []
     for m in messages:
         if m["role"] == "assistant":
-            segs += [("<|assistant|>\n", False), (m["content"] + eos, True), ("\n", False)]
+            segs += [("<|assistant|>\n", C), (m["content"] + o.eos, A), ("\n", C)]
         else:
-            segs.append(("<|" + m["role"] + "|>\n" + m["content"] + eos + "\n", False))
+            segs.append(("<|" + m["role"] + "|>\n" + m["content"] + o.eos + "\n", C))
     if gen:
-        segs.append(("<|assistant|>\n", False))
+        segs.append(("<|assistant|>\n", C))
     return segs
 
 
-def _vicuna(messages, gen, bos, eos) -> Segments:
+def _vicuna(messages, gen, o: RenderOptions) -> Segments:
     """Vicuna v1.1 (lmsys tokenizer_config): default system prompt, ` USER: ` / ` ASSISTANT: `, no BOS."""
-    system, turns = _split_system(messages)
-    segs = [(VICUNA_DEFAULT_SYSTEM if system is None else system, False)]
+    system, turns = split_system(messages)
+    segs = [(VICUNA_DEFAULT_SYSTEM if system is None else system, C)]
     for m in turns:
         if m["role"] == "user":
-            segs.append((" USER: " + m["content"].strip(), False))
+            segs.append((" USER: " + m["content"].strip(), C))
         else:
-            segs += [(" ASSISTANT:", False), (" " + m["content"].strip() + eos, True)]
+            segs += [(" ASSISTANT:", C), (" " + m["content"].strip() + o.eos, A)]
     if gen:
-        segs.append((" ASSISTANT:", False))
+        segs.append((" ASSISTANT:", C))
     return segs
 
 
 TEMPLATES = {"alpaca": _alpaca, "chatml": _chatml, "llama2": _llama2, "llama3": _llama3,
-             "mistral": _mistral, "zephyr": _zephyr, "vicuna": _vicuna}
+             "mistral": _mistral, "zephyr": _zephyr, "vicuna": _vicuna, **TOOL_FAMILIES}
 # Llama-2 and Mistral templates have no generation prompt: their prompt already ends with [/INST].
-STOP_STRINGS = {"chatml": ["<|im_end|>"], "llama3": ["<|eot_id|>"]}
+STOP_STRINGS = {"chatml": ["<|im_end|>"], "llama3": ["<|eot_id|>"], **TOOL_FAMILY_STOPS}
 
 
-def validate_messages(messages: list[dict], where: str = "conversation") -> None:
-    """Raise SFTError unless: optional system first, then user/assistant alternating from user."""
-    if not isinstance(messages, list) or not messages:
-        raise SFTError(f"{where}: a conversation must be a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise SFTError(f"{where}: message {i} must be a dict with a string 'content'")
-        offset = 1 if messages[0].get("role") == "system" else 0
-        expected = "system" if i < offset else ("user" if (i - offset) % 2 == 0 else "assistant")
-        if m.get("role") != expected:
-            raise SFTError(f"{where}: message {i} has role {m.get('role')!r}, expected {expected!r} "
-                           "(an optional system message, then user/assistant alternating, user first)")
+def _check_template_can_write(name: str, messages: list[dict], tools: list[dict] | None,
+                              enable_thinking: bool | None, date_string: str | None, where: str) -> None:
+    """Refuse what a template would drop or ignore: tool data, reasoning, thinking/date switches."""
+    lacking = tool_data_in(messages, tools)
+    if lacking and name not in TOOL_FAMILIES:
+        raise SFTError(f"{where}: template {name!r} has no tool syntax and would drop the {lacking}; "
+                       f"use a template with tools ({', '.join(TOOL_FAMILIES)}) or remove the tool data")
+    if (has_reasoning(messages) or enable_thinking is not None) and name not in THINKING_FAMILIES:
+        what = "the assistant 'reasoning'" if has_reasoning(messages) else "enable_thinking"
+        raise SFTError(f"{where}: template {name!r} has no thinking syntax and would drop {what}; "
+                       f"templates with thinking: {', '.join(THINKING_FAMILIES)}")
+    if date_string is not None and name not in DATED_FAMILIES:
+        raise SFTError(f"{where}: template {name!r} writes no date; date_string is for {', '.join(DATED_FAMILIES)}")
 
 
-def _segments(name: str, messages: list[dict], add_generation_prompt: bool,
-              bos_token: str | None, eos_token: str | None) -> Segments:
+def _segments(name: str, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+              enable_thinking: bool | None, date_string: str | None, bos_token: str | None,
+              eos_token: str | None, where: str) -> Segments:
     if name not in TEMPLATES:
         raise SFTError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
-    validate_messages(messages)
+    tools = tools_of(messages) if tools is None else tools
+    validate_conversation(messages, where, tools)
+    _check_template_can_write(name, messages, tools, enable_thinking, date_string, where)
     bos, eos = FAMILY_TOKENS[name]
-    segs = TEMPLATES[name](messages, add_generation_prompt,
-                           bos if bos_token is None else bos_token, eos if eos_token is None else eos_token)
-    return [(t, flag) for t, flag in segs if t]
+    options = RenderOptions(name, where, bos if bos_token is None else bos_token, eos if eos_token is None else eos_token,
+                            tools, enable_thinking, LLAMA_DEFAULT_DATE if date_string is None else date_string)
+    return [(t, part) for t, part in TEMPLATES[name](messages, add_generation_prompt, options) if t]
 
 
-def render(template_name: str, messages: list[dict], add_generation_prompt: bool = False,
-           bos_token: str | None = None, eos_token: str | None = None) -> str:
-    """The exact text the family's Jinja chat template produces (BOS/EOS strings included)."""
-    return "".join(t for t, _ in _segments(template_name, messages, add_generation_prompt, bos_token, eos_token))
+def render(template_name: str, messages: list[dict], add_generation_prompt: bool = False, *,
+           tools: list[dict] | None = None, enable_thinking: bool | None = None, date_string: str | None = None,
+           bos_token: str | None = None, eos_token: str | None = None, where: str = "conversation") -> str:
+    """The exact text the family's Jinja chat template produces (BOS/EOS strings included).
+
+    tools: the function schemas (None: the conversation's own `tools`, see data.conversation).
+    enable_thinking: qwen3 only; False puts an empty think block in the generation prompt.
+    date_string: llama3.1/3.2 only; the "Today Date" line, by default the templates' own fixed
+    fallback "26 Jul 2024", so that training data renders the same on any day (reproducible).
+    bos_token/eos_token: the tokenizer's strings, where the Jinja writes bos_token/eos_token.
+    where: names the conversation in error messages.
+    """
+    segs = _segments(template_name, messages, add_generation_prompt, tools, enable_thinking, date_string,
+                     bos_token, eos_token, where)
+    return "".join(t for t, _ in segs)
 
 
-def render_segments(template_name: str, messages: list[dict], bos_token: str | None = None,
-                    eos_token: str | None = None) -> Segments:
-    """`render(...)` cut into (text, trainable) pieces; trainable = an assistant reply + its end marker."""
-    return _segments(template_name, messages, False, bos_token, eos_token)
+def render_segments(template_name: str, messages: list[dict], *, tools: list[dict] | None = None,
+                    enable_thinking: bool | None = None, date_string: str | None = None,
+                    bos_token: str | None = None, eos_token: str | None = None,
+                    where: str = "conversation") -> Segments:
+    """`render(...)` (no generation prompt) cut into (text, Part) pieces; see the module docstring."""
+    return _segments(template_name, messages, False, tools, enable_thinking, date_string, bos_token, eos_token, where)
 
 
 def stop_strings(name: str, eos_token: str | None = None) -> list[str]:
-    """The strings that end an assistant turn in this template (what generation must stop on)."""
+    """Every string that ends an assistant turn in this template (what generation must stop on).
+
+    Llama-3.x: <|eot_id|> and <|eom_id|> (their tokenizer's eos <|end_of_text|> is the caller's
+    to add, as for every template); Qwen: <|im_end|> and <|endoftext|>; templates that end turns
+    with eos_token: that string (the tokenizer's when given).
+    """
     if name not in TEMPLATES:
         raise SFTError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
     return STOP_STRINGS.get(name, [eos_token or FAMILY_TOKENS[name][1]])
@@ -214,20 +248,11 @@ def stop_strings(name: str, eos_token: str | None = None) -> list[str]:
 
 # ---- mapping a checkpoint's Jinja template to one of ours ----
 
-# The Jinja sources we reproduce (the same strings as the fixtures in tests/parity/templates/).
-KNOWN_JINJA = {
-    "alpaca": "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] | trim + '\\n\\n' %}{% set messages = messages[1:] %}{% else %}{% set system_message = '' %}{% endif %}{{ bos_token + system_message }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] | trim + '\\n\\n' }}{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] | trim + eos_token + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}",
-    "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
-    "llama2": "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}",
-    "llama3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
-    "mistral": "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n\n{{- bos_token }}\n{%- for message in loop_messages %}\n    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n    {%- endif %}\n    {%- if message['role'] == 'user' %}\n        {%- if loop.first and system_message is defined %}\n            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n        {%- else %}\n            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n        {%- endif %}\n    {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token}}\n    {%- else %}\n        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}\n    {%- endif %}\n{%- endfor %}\n",
-    "zephyr": "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}",
-    "vicuna": "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = 'A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 %}{{ system_message }}{% endif %}{% if message['role'] == 'user' %}{{ ' USER: ' + message['content'].strip() }}{% elif message['role'] == 'assistant' %}{{ ' ASSISTANT: ' + message['content'].strip() + eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}",
-}
 # Distinctive markup, used only to say which family an unknown template resembles.
-FAMILY_MARKERS = [("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"), ("<<SYS>>", "llama2"),
-                  ("[INST]", "mistral"), ("<|assistant|>", "zephyr"), ("ASSISTANT:", "vicuna"),
-                  ("### Instruction", "alpaca")]
+FAMILY_MARKERS = [("Cutting Knowledge Date", "llama3.1/llama3.2"), ("<|start_header_id|>", "llama3"),
+                  ("<think>", "qwen3"), ("<tool_call>", "qwen2.5"), ("<|im_start|>", "chatml"),
+                  ("<<SYS>>", "llama2"), ("[INST]", "mistral"), ("<|assistant|>", "zephyr"),
+                  ("ASSISTANT:", "vicuna"), ("### Instruction", "alpaca")]
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
 _TAG = re.compile(r"(\{\{|\{%|\{#)(-?)(.*?)(-?)(\}\}|%\}|#\})", re.S)

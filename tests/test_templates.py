@@ -1,6 +1,8 @@
 """data.templates: conversations -> the exact text (and trainable spans) of each chat family."""
 import pytest
 
+from data.conversation import Part
+from data.masking import assistant_turns
 from data.templates import (KNOWN_JINJA, TEMPLATES, normalize_jinja, render, render_segments, stop_strings,
                             template_from_tokenizer_config)
 from model.errors import SFTError
@@ -35,17 +37,17 @@ def test_segments_join_to_the_rendered_text(name):
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_trainable_segments_are_the_assistant_replies_and_their_end_marker(name):
-    trained = [t for t, flag in render_segments(name, [SYSTEM] + CONV) if flag]
+    trained = [t for t, part in render_segments(name, [SYSTEM] + CONV) if part is Part.ANSWER]
     end = stop_strings(name)[0]
     assert ["".join(t.split()) for t in trained] == [f"Hello!{end}", f"Seeyou.{end}"]
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_training_prompt_equals_the_inference_prompt(name):
-    """The text before each trained reply is what render(..., add_generation_prompt=True) gives."""
+    """The text before each assistant turn is what render(..., add_generation_prompt=True) gives."""
     for messages in (CONV, [SYSTEM] + CONV):
         segs = render_segments(name, messages)
-        replies = [k for k, (_, flag) in enumerate(segs) if flag]
+        replies = [run[0] for run in assistant_turns(segs)]
         user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
         for k, u in zip(replies, user_turns):
             before = "".join(t for t, _ in segs[:k])
