@@ -62,7 +62,7 @@ def parse_json(text: str, where: str, what: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise SFTError(f"{where}: {what} is not valid JSON ({e.msg} at char {e.pos}): {text[:60]!r}") from None
+        raise SFTError(f"{where}: {what}: not valid JSON ({e.msg} at char {e.pos}): {text[:60]!r}") from None
 
 
 # ---- tool calls and schemas ----
@@ -84,9 +84,9 @@ def to_tool_call(entry, where: str) -> dict:
         raise SFTError(f"{where}: the tool call has no 'name' (the function's name as a string)")
     args = fn["arguments"] if "arguments" in fn else fn.get("parameters")  # Llama-3.1 writes "parameters"
     if isinstance(args, str):
-        args = parse_json(args, where, f"the arguments of {name!r}")
+        args = parse_json(args, where, f"arguments of {name!r}")
     if not isinstance(args, dict):
-        raise SFTError(f"{where}: the arguments of {name!r} must be a JSON object, got {_kind(args)}")
+        raise SFTError(f"{where}: arguments of {name!r} must be a JSON object, got {_kind(args)}")
     call = {"name": name, "arguments": args}
     if isinstance(entry.get("id"), str):
         call["id"] = entry["id"]
@@ -108,7 +108,7 @@ def parse_tools(value, where: str) -> list[dict] | None:
     if value is None or value == "":
         return None
     if isinstance(value, str):
-        value = parse_json(value, f"{where}: tools", "the string")
+        value = parse_json(value, where, "tools")
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise SFTError(f"{where}: tools must be a list of function schemas (objects), got "
                        f"{_kind(value) if not isinstance(value, list) else 'a list holding non-objects'}")
@@ -118,7 +118,7 @@ def parse_tools(value, where: str) -> list[dict] | None:
         fn = schema["function"]
         if schema.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise SFTError(f"{where}: tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", "
-                           "\"parameters\", ...}}} or a bare {\"name\", \"parameters\", ...} schema")
+                           "\"parameters\", ...}} or a bare {\"name\", \"parameters\", ...} schema")
         schemas.append(schema)
     return schemas or None
 
