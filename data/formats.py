@@ -30,8 +30,9 @@ Formats read (JSON list, or JSONL with one record per line):
 
 In every format, `<think>...</think>` at the start of an assistant's text becomes its `reasoning`
 (split as Qwen3's template does). A conversation that ends in user or tool turns loses them (there
-is no answer to train on). `data.formats_tools.tool_report(conversations)` counts what was loaded and the calls to
-functions a conversation does not declare (a warning, not an error: real data has them).
+is no answer to train on). `data.formats_tools.tool_report(conversations)` counts what was loaded
+and the calls to functions a conversation does not declare (a warning, not an error: real data
+has them).
 
 Errors are raised where the bad record enters and name the file and the line (JSONL) or the
 record index (JSON list): `data.jsonl:17: ...`. `format="auto"` looks at the first record;
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.conversation import ROLES, Conversation
+from data.conversation import ROLES, Conversation, tools_of
 from data.formats_tools import (openai_message, parse_tools, split_think, tool_calls_from_value,
                                 validate_conversation)
 from model.errors import SFTError
@@ -206,9 +207,9 @@ def _nest_flat_messages(records: list[tuple[str, dict]]) -> list[tuple[str, dict
 
 def finish_conversation(messages: list[dict], where: str) -> Conversation:
     """Split <think> blocks, drop trailing turns that have no answer, check the order."""
-    conv = Conversation([split_think(m, f"{where}: message {i}") if isinstance(m, dict) else m
-                         for i, m in enumerate(messages)], getattr(messages, "tools", None))
-    while conv and conv[-1].get("role") != "assistant":  # a trailing question or tool result has no answer
+    conv = Conversation([split_think(m, f"{where}: message {i}") for i, m in enumerate(messages)],
+                        tools_of(messages))
+    while conv and conv[-1]["role"] != "assistant":  # a trailing question or tool result has no answer
         conv.pop()
     if not conv:
         raise SFTError(f"{where}: the conversation has no assistant reply to train on")

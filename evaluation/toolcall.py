@@ -6,7 +6,7 @@ itself, which either calls tools or answers in text:
 
     prompt    = conversation[:i]            (a Conversation: slicing keeps .tools)
     reference = conversation[i]             (assistant: "tool_calls" or text)
-    reply     = generate([prompt])[0]  ->  parse(reply)  ->  ParsedCalls(calls, attempted, parse_error)
+    reply     = generate([prompt])[0]  ->  parse(reply)  ->  ParsedCalls(calls, attempted, parseable, problem)
 
 The call is compared as a *structure*, not as text, as the Berkeley Function-Calling Leaderboard
 (BFCL) does with its AST match: `{"city": "Paris", "days": 3}` and `{"days": 3.0, "city": "Paris"}`
@@ -53,18 +53,21 @@ TEXT_VERDICTS: tuple[Verdict, ...] = ("text", "call instead of text")
 
 
 class ParsedCalls(NamedTuple):
-    """What `parse(reply_text)` returns (any object with these three attributes will do).
+    """What `parse(reply_text)` returns; the same fields as data.tool_templates' parse_tool_calls
+    result (any object with these attributes will do).
 
-    calls        [{"name": str, "arguments": dict}] in the order written; arguments already
-                 decoded from JSON (a parser that finds them as a string decodes them)
-    attempted    True when the reply tries to call a tool at all (a `<tool_call>` tag, a
-                 {"name": ...} object where the template puts calls), even if it fails to parse
-    parse_error  None, or why an attempted call could not be read; a reply with an error counts
-                 as unparseable even if some of its calls were read
+    calls      [{"name": str, "arguments": dict}] in the order written; arguments already decoded
+               from JSON (a parser that finds them as a string decodes them)
+    attempted  the reply uses the template's call syntax at all (Qwen: a `<tool_call>` tag; Llama:
+               the reply is a JSON object), whether or not it parses
+    parseable  attempted, and every attempt is a well-formed call; a reply with one bad call among
+               good ones is unparseable
+    problem    why not parseable ("" when it is)
     """
     calls: list[dict]
     attempted: bool
-    parse_error: str | None = None
+    parseable: bool
+    problem: str = ""
 
 
 def json_equal(a, b) -> bool:
@@ -105,12 +108,11 @@ def pair_calls(reference: list[dict], generated: list[dict]) -> list[tuple[str, 
 
 def verdict(reference: dict, parsed) -> Verdict:
     """One reply against its reference turn."""
-    readable = parsed.attempted and parsed.parse_error is None and bool(parsed.calls)
     if not reference.get("tool_calls"):
         return "call instead of text" if parsed.attempted else "text"
     if not parsed.attempted:
         return "no call"
-    if not readable:
+    if not (parsed.parseable and parsed.calls):
         return "unparseable"
     pairs = pair_calls(reference["tool_calls"], parsed.calls)
     if len(parsed.calls) != len(pairs) or not all(named for _, named, _ in pairs):
@@ -148,7 +150,7 @@ def score_replies(pairs: list[tuple[Conversation, dict]], replies: list[str],
             row[1] += named
             row[2] += exact
         records.append({"turn": k, "expected": expected or "text", "verdict": v, "reply": reply,
-                        "calls": list(parsed.calls), "parse_error": parsed.parse_error})
+                        "calls": list(parsed.calls), "problem": parsed.problem})
     counts = Counter(r["verdict"] for r in records)
     n_call = sum(counts[v] for v in CALL_VERDICTS)
     n_text = sum(counts[v] for v in TEXT_VERDICTS)

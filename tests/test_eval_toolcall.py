@@ -51,11 +51,11 @@ SCRIPT = {  # the last prompt message -> what the fake model says
 
 def fake_parse(text: str) -> ParsedCalls:
     if not text.startswith("CALL "):
-        return ParsedCalls([], attempted=False)
+        return ParsedCalls([], attempted=False, parseable=False, problem="no call")
     try:
-        return ParsedCalls(json.loads(text[5:]), attempted=True)
+        return ParsedCalls(json.loads(text[5:]), attempted=True, parseable=True)
     except json.JSONDecodeError as e:
-        return ParsedCalls([], attempted=True, parse_error=e.msg)
+        return ParsedCalls([], attempted=True, parseable=False, problem=e.msg)
 
 
 def fake_generate(prompts):
