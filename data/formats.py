@@ -1,9 +1,11 @@
 """Dataset files -> conversations: one shape for every format.
 
-Every instruction dataset ends up as a *conversation*: a list of messages
-`{"role": "system"|"user"|"assistant", "content": str}` -- an optional system message, then user
-and assistant alternating, user first, assistant last. The templates (data/templates.py) and the
-masking only ever see that shape, so adding a format never touches them.
+Every instruction dataset ends up as a *conversation* (data/conversation.py): a list of messages
+`{"role": "system"|"user"|"assistant"|"tool", "content": str}` -- an optional system message, then
+user and assistant alternating, user first, assistant last; an assistant message may carry
+`tool_calls` and `reasoning`, and is then followed by its `tool` results and another assistant
+message. A `Conversation` is a list that also carries the tool schemas (`.tools`). The templates
+(data/templates.py) and the masking only ever see that shape, so adding a format never touches them.
 
 Formats read (JSON list, or JSONL with one record per line):
 - alpaca:  {"instruction", "input", "output"} (+ optional "system", "history": [[q, a], ...]);
@@ -11,7 +13,13 @@ Formats read (JSON list, or JSONL with one record per line):
            Stanford's seed tasks ({"instruction", "instances": [{"input", "output"}, ...]}) are read
            the same way from their first instance (the others are extra examples of the same task).
 - sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}; user/assistant too.
-- openai:  {"messages": [{"role", "content"}, ...]}.
+           LLaMA-Factory's tool turns: "function_call" (value = JSON {"name", "arguments"}, an
+           assistant tool call) and "observation" (a tool result); record-level "system" and
+           "tools" (a list or a JSON string of one).
+- openai:  {"messages": [{"role", "content"}, ...]} (+ record-level "tools"); assistant
+           "tool_calls", "reasoning_content", content null beside tool calls; role "tool" with
+           "tool_call_id"/"name"; content may be a list of typed parts ("text" | "reasoning" |
+           "tool_call"). How tool data is read and checked: data/formats_tools.py.
 - oasst:   OpenAssistant message trees, nested (`*.trees.jsonl`: {"prompt": message with "replies"})
            or flat (one message per record linked by "parent_id"). A tree holds many conversations:
            by default we follow the best-ranked reply at each step (rank 0 first; messages not yet
@@ -19,6 +27,12 @@ Formats read (JSON list, or JSONL with one record per line):
            path. Deleted messages and messages whose review failed or is missing are dropped
            (`keep_unreviewed=True` keeps the missing ones), and `lang="en"` keeps one language.
            A path is cut after its last assistant reply; a path with none gives no conversation.
+
+In every format, `<think>...</think>` at the start of an assistant's text becomes its `reasoning`
+(split as Qwen3's template does). A conversation that ends in user or tool turns loses them (there
+is no answer to train on). `data.formats_tools.tool_report(conversations)` counts what was loaded
+and the calls to functions a conversation does not declare (a warning, not an error: real data
+has them).
 
 Errors are raised where the bad record enters and name the file and the line (JSONL) or the
 record index (JSON list): `data.jsonl:17: ...`. `format="auto"` looks at the first record;
@@ -28,14 +42,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.templates import validate_messages
+from data.conversation import ROLES, Conversation, tools_of
+from data.formats_tools import (openai_message, parse_tools, split_think, tool_calls_from_value,
+                                validate_conversation)
 from model.errors import SFTError
 from model.files import first_char, iter_jsonl, read_json
 
 FORMATS = ("alpaca", "sharegpt", "openai", "oasst")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
-                  "system": "system"}
+                  "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
 def read_records(path: str | Path) -> list[tuple[str, dict]]:
@@ -94,32 +110,36 @@ def from_alpaca(record: dict, where: str) -> list[dict]:
                        {"role": "assistant", "content": _str(record, "output", where)}]
 
 
-def from_sharegpt(record: dict, where: str) -> list[dict]:
+def from_sharegpt(record: dict, where: str) -> Conversation:
     turns = record["conversations"]
     if not isinstance(turns, list):
         raise SFTError(f"{where}: 'conversations' must be a list")
     messages = []
     for i, t in enumerate(turns):
-        who = t.get("from", t.get("role")) if isinstance(t, dict) else None
-        role = SHAREGPT_ROLES.get(str(who).lower())
-        if role is None:
+        who = str(t.get("from", t.get("role")) if isinstance(t, dict) else None).lower()
+        if who not in SHAREGPT_ROLES:
             raise SFTError(f"{where}: turn {i} has speaker {who!r}; known: {', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": role, "content": _str(t, "value" if "value" in t else "content", f"{where} turn {i}")})
+        value = _str(t, "value" if "value" in t else "content", f"{where} turn {i}")
+        if who == "function_call":
+            calls = tool_calls_from_value(value, f"{where}: turn {i} (function_call) value")
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[who], "content": value})
     if record.get("system") and (not messages or messages[0]["role"] != "system"):
         messages.insert(0, {"role": "system", "content": _str(record, "system", where)})
-    return messages
+    return Conversation(messages, parse_tools(record.get("tools"), where))
 
 
-def from_openai(record: dict, where: str) -> list[dict]:
+def from_openai(record: dict, where: str) -> Conversation:
     messages = record["messages"]
     if not isinstance(messages, list):
         raise SFTError(f"{where}: 'messages' must be a list")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise SFTError(f"{where}: message {i} needs role system/user/assistant, got {m!r:.80}")
-        out.append({"role": m["role"], "content": _str(m, "content", f"{where} message {i}")})
-    return out
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise SFTError(f"{where}: message {i} needs role {'/'.join(ROLES)}, got {m!r:.80}")
+        out.append(openai_message(m, f"{where}: message {i}"))
+    return Conversation(out, parse_tools(record.get("tools"), where))
 
 
 # ---- OpenAssistant trees ----
@@ -185,9 +205,21 @@ def _nest_flat_messages(records: list[tuple[str, dict]]) -> list[tuple[str, dict
     return roots
 
 
+def finish_conversation(messages: list[dict], where: str) -> Conversation:
+    """Split <think> blocks, drop trailing turns that have no answer, check the order."""
+    conv = Conversation([split_think(m, f"{where}: message {i}") for i, m in enumerate(messages)],
+                        tools_of(messages))
+    while conv and conv[-1]["role"] != "assistant":  # a trailing question or tool result has no answer
+        conv.pop()
+    if not conv:
+        raise SFTError(f"{where}: the conversation has no assistant reply to train on")
+    validate_conversation(conv, where)
+    return conv
+
+
 def load_conversations(path: str | Path, format: str = "auto", *, paths: str = "best", lang=None,
-                       keep_unreviewed: bool = False, skip_invalid: bool = False) -> list[list[dict]]:
-    """Read a dataset file into conversations (lists of {"role", "content"} dicts).
+                       keep_unreviewed: bool = False, skip_invalid: bool = False) -> list[Conversation]:
+    """Read a dataset file into conversations (Conversation: a list of message dicts + `.tools`).
 
     format: "auto" or one of alpaca/sharegpt/openai/oasst. OASST options: paths="best"|"all",
     lang (a code or a list of codes), keep_unreviewed. skip_invalid=True drops records whose
@@ -207,20 +239,13 @@ def load_conversations(path: str | Path, format: str = "auto", *, paths: str = "
     if format == "oasst":
         nested = all("prompt" in r or "replies" in r for _, r in records)
         roots = [(w, r.get("prompt", r)) for w, r in records] if nested else _nest_flat_messages(records)
-        convs = [(w, c) for w, root in roots for c in from_oasst_tree(root, w, paths, lang, keep_unreviewed)]
-        for w, c in convs:
-            validate_messages(c, w)
-        return [c for _, c in convs]
+        return [finish_conversation(c, w) for w, root in roots
+                for c in from_oasst_tree(root, w, paths, lang, keep_unreviewed)]
     convert = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "openai": from_openai}[format]
     out = []
     for where, r in records:
         try:
-            messages = convert(r, where)
-            while messages and messages[-1]["role"] != "assistant":  # a trailing question has no answer
-                messages.pop()
-            if not any(m["role"] == "assistant" for m in messages):
-                raise SFTError(f"{where}: the conversation has no assistant reply to train on")
-            validate_messages(messages, where)
+            conv = finish_conversation(convert(r, where), where)
         except KeyError as e:
             if skip_invalid:
                 continue
@@ -229,5 +254,5 @@ def load_conversations(path: str | Path, format: str = "auto", *, paths: str = "
             if skip_invalid:
                 continue
             raise
-        out.append(messages)
+        out.append(conv)
     return out

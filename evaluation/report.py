@@ -131,10 +131,15 @@ def load_result(path: str | Path) -> dict:
     return result
 
 
+# Rates whose name starts with a prefix here are fractions of that count (IFEval's instructions,
+# toolcall's call and text turns); any other rate is a fraction of n_prompts or n_items.
+RATE_COUNTS = {"inst_": "n_instructions", "call_": "n_call_turns", "text_": "n_text_turns"}
+
+
 def _count(key: str, flat: dict) -> int | None:
-    """How many items a rate is a fraction of: n_instructions for inst_*, else n_prompts / n_items."""
+    """How many items a rate is a fraction of (RATE_COUNTS, else n_prompts / n_items)."""
     task, name = key.split(".", 1)
-    names = ["n_instructions"] if name.startswith("inst_") else ["n_prompts", "n_items"]
+    names = [n for prefix, n in RATE_COUNTS.items() if name.startswith(prefix)] or ["n_prompts", "n_items"]
     return next((int(flat[f"{task}.{n}"]) for n in names if f"{task}.{n}" in flat), None)
 
 
