@@ -21,19 +21,40 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.backtranslate import build_demo_data
-from evaluation.demo import DemoConfig, constraint_eval, write_demo_report
+from evaluation.demo import constraint_eval, write_demo_report
 from model.cli import run_cli
-from training.config import help_text, load_config
+from model.options import opt
+from model.tokenizer import Tokenizer
+from training.config import Config, help_text, load_config
 from training.loop import cpu_threads, finish, fit, setup
+
+
+@dataclass
+class DemoSection:
+    constraints: list[str] = opt([], "IFEval instruction ids to teach and test (empty: all in "
+                                 "data/demo_wordings.py)")
+    mix: str = opt("", "real instruction data mixed into the built training set")
+    mix_records: int = opt(0, "use only the first N conversations of mix (0: all)", ge=0)
+    texts_per_topic: int = opt(8, "teacher texts sampled per training topic", ge=1)
+    pairs_per_text: int = opt(4, "constraints derived from each teacher text", ge=1)
+    heldout_per_type: int = opt(10, "held-out evaluation prompts per constraint type", ge=1)
+    max_new_tokens: int = opt(96, "greedy tokens per held-out answer", ge=1)
+    eval_batch_size: int = opt(50, "held-out prompts generated together", ge=1)
+
+
+@dataclass
+class DemoConfig(Config):
+    """A training config plus the demo's own [demo] section (configs/demo.toml)."""
+    demo: DemoSection = field(default_factory=DemoSection)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     t_begin, d = time.perf_counter(), cfg.demo
     with cpu_threads(cfg.run.threads):
-        from model.tokenizer import Tokenizer
         tok = Tokenizer.from_pretrained(cfg.model.path)
         train_file, held_out = build_demo_data(
             cfg.model.path, tok, Path(cfg.run.out_dir) / f"{cfg.run.name}-data", mix=d.mix,

@@ -11,6 +11,8 @@ Tasks (each lives in evaluation/<task>.py and returns {"metrics": {...}, ...}):
   ifeval   verifiable instruction following, prompt/instruction level, strict/loose
   mc       multiple choice by log-likelihood (MMLU), acc and acc_norm, k-shot
   judge    pairwise win/tie/loss against --against DIR or --reference FILE, judged in both orders
+  toolcall for each assistant turn of --data: is the generated tool call parseable, the right
+           function, with the right arguments (exact JSON match); no call where text is expected
 
 Generative tasks prompt the model with its own chat template; a base model without one uses
 --template (default alpaca) and the report says so. Results go to --out (eval.json, eval.md,
@@ -30,7 +32,7 @@ from model.errors import SFTError
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = Path(os.environ.get("SFT_SHARED_DIR", ROOT.parent / "shared")) / "data"
-TASKS = ("loss", "samples", "ifeval", "mc", "judge")
+TASKS = ("loss", "samples", "ifeval", "mc", "judge", "toolcall")
 SAMPLE_PROMPTS = ["Give three tips for staying healthy.", "Write a short story about a brave mouse.",
                   "What is the capital of France?"]
 
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help=f"comma list of {','.join(TASKS)} (default: loss,samples with --data, "
                                    "else ifeval,mc)")
     p.add_argument("--limit", type=_positive(int), help="at most N items per task (a seeded subset for mc)")
-    p.add_argument("--data", help="held-out conversations for loss/samples (any format data.formats reads)")
+    p.add_argument("--data", help="held-out conversations for loss, samples and toolcall (any format "
+                   "data.formats reads)")
     p.add_argument("--out", help="output folder (default: runs/eval/<model>, where <model> is the "
                    "folder name, with its run's name for final/, merged/ and step_N/)")
     p.add_argument("--template", help="chat template name; default: the model's own, else alpaca")
@@ -120,8 +123,9 @@ def _tasks(args) -> list[str]:
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise SFTError(f"--tasks: unknown task(s) {bad}; choose from {', '.join(TASKS)}")
-    if "loss" in tasks and not args.data:
-        raise SFTError("--tasks loss needs --data FILE (held-out conversations)")
+    for task in ("loss", "toolcall"):
+        if task in tasks and not args.data:
+            raise SFTError(f"--tasks {task} needs --data FILE (held-out conversations)")
     return tasks
 
 
@@ -194,6 +198,22 @@ def task_samples(args, em) -> dict:
     return {"metrics": {}, "samples": recs}
 
 
+def task_toolcall(args, em) -> dict:
+    from data.formats import load_conversations
+    from data.tool_templates import parse_tool_calls
+    from evaluation.toolcall import evaluate_toolcalls, toolcall_prompts
+    convs = load_conversations(args.data)
+    n = len(toolcall_prompts(convs)) if args.limit is None else min(args.limit, len(toolcall_prompts(convs)))
+    bar, tick = _progress("toolcall", n)
+    res = evaluate_toolcalls(
+        convs, lambda prompts: em.chat.replies(em.model, prompts, args.max_new_tokens, args.batch_size,
+                                               seed=args.seed, progress=tick),
+        lambda text: parse_tool_calls(em.template, text), args.limit)
+    bar.close()
+    res["config"].update(data=str(args.data), template=em.template)
+    return res
+
+
 def run_tasks(args) -> dict:
     from evaluation.generation import load_eval_model
     tasks, device = _tasks(args), _device(args.device)
@@ -224,6 +244,8 @@ def run_tasks(args) -> dict:
             from evaluation.mc import evaluate_mc
             res = evaluate_mc(em.model, em.tokenizer, args.mc_data, args.mc_dev, args.k_shot,
                               args.mc_limit or args.limit, args.mc_style, args.batch_size, args.seed)
+        elif task == "toolcall":
+            res = task_toolcall(args, em)
         else:
             res = task_judge(args, em, device)
         res["seconds"] = round(time.perf_counter() - t0, 2)

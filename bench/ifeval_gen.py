@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
-from eval import SHARED_DATA, _device  # noqa: E402
 from evaluation.generation import load_eval_model  # noqa: E402
 from evaluation.ifeval import load_ifeval  # noqa: E402
 
@@ -48,7 +49,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     em = load_eval_model(args.model, dtype=args.dtype, device=device)
     convs = [[{"role": "user", "content": it["prompt"]}] for it in load_ifeval(args.data, args.n)]
     timed(em, convs[:2], 4, 2)  # warm-up (allocator, kernels)

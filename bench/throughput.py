@@ -119,8 +119,9 @@ def build_ours(model_name: str, mode: str, checkpointing: bool = False):
     from lora import apply_lora
     from model.checkpoint import load_pretrained
     from model.llama import Config, Transformer
-    from train import forward_backward
+    from model import speedups
     from training.optim import build_optimizer
+    from training.step import forward_backward
 
     if model_name == "pico":
         model = load_pretrained(PICO)
@@ -129,6 +130,7 @@ def build_ours(model_name: str, mode: str, checkpointing: bool = False):
     n = matmul_params(model)
     if mode == "lora":
         apply_lora(model, r=LORA["r"], alpha=LORA["alpha"], targets=tuple(LORA["targets"]))
+    speedups.apply(model)  # as train.py does by default (train.speedups)
     if checkpointing:
         from training.distributed import checkpoint_blocks
         checkpoint_blocks(model)

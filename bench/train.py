@@ -2,8 +2,8 @@
 
     python bench/train.py [--model DIR] [--data FILE] [--batch-size 8] [--seq-len 256] [--steps 5]
 
-Uses train.py's own pieces (data pipeline, forward_backward, AdamW), so what is measured is
-what `train.py` runs. Rows are packed (no padding work), so "tokens/s" counts real tokens;
+Uses the training loop's own pieces (training/data.py, training/step.py, model/speedups.py,
+AdamW), so what is measured is what `train.py` runs. Rows are packed (no padding work), so "tokens/s" counts real tokens;
 "trainable tokens/s" counts only the ones with a label (assistant replies), the figure that
 matters for SFT. Peak memory is the process's peak RSS on CPU (ru_maxrss, which includes the
 Python interpreter and torch, ~300-400 MB) or torch's peak allocated bytes on CUDA. The CPU
@@ -25,10 +25,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train as T  # noqa: E402
+from data.chat import chat_for  # noqa: E402
+from model import speedups  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from training.config import load_config  # noqa: E402
+from training.data import prepare_data  # noqa: E402
+from training.loop import load_model, pick_device  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
+from training.step import forward_backward, to_device, trainable_tokens  # noqa: E402
 
 
 def main() -> None:
@@ -51,10 +55,12 @@ def main() -> None:
                              f"run.device={a.device}"])
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    device = T.pick_device(cfg.run.device)
+    device = pick_device(cfg.run.device)
     tok = Tokenizer.from_pretrained(cfg.model.path)
-    rows, _, _ = T.load_data(cfg, tok, "alpaca")
-    model = T.load_model(cfg, device)
+    rows = prepare_data(cfg, chat_for(cfg.model.path, tok, "alpaca")).train
+    model = load_model(cfg, device)
+    if cfg.train.speedups:
+        speedups.apply(model)
     opt = build_optimizer(model, 1e-4, 0.0, (0.9, 0.95), 1e-8)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -62,12 +68,12 @@ def main() -> None:
     timed_s, cpu_s, tokens, trainable = 0.0, 0.0, 0, 0
     for step in range(a.warmup + a.steps):
         idx = [(step * a.batch_size + i) % len(rows["input_ids"]) for i in range(a.batch_size)]
-        batch = T.to_device(rows, idx, device)
-        n = T.trainable_tokens(batch)
+        batch = to_device(rows, idx, device)
+        n = trainable_tokens(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
-        T.forward_backward(model, [batch], n, a.chunk)
+        forward_backward(model, [batch], n, a.chunk)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

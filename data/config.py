@@ -29,6 +29,8 @@ class DataConfig:
     template: str = opt("auto", "chat template name; auto: the model's own, else alpaca")
     max_seq_len: int = opt(512, "tokens per packed row; longer conversations are truncated", ge=8)
     loss_on: LossOn = opt("train_on_assistant", "which tokens train (the masking strategy)")
+    train_on_reasoning: bool = opt(True, "train the assistant's reasoning (<think>) tokens; false: "
+                                   "they are context the answer is conditioned on")
 
 
 def validate_data(data: DataConfig) -> None:

@@ -95,46 +95,62 @@ def has_reasoning(messages: list[dict]) -> bool:
     return any(m.get("reasoning") for m in messages)
 
 
-_NEXT_ROLES = {None: ("system", "user"), "system": ("user",), "user": ("assistant",),
-               "assistant": ("user",), "tool": ("tool", "assistant")}
+# role of the previous message ("call" = an assistant message with tool calls) -> roles allowed next
+NEXT_ROLES = {None: ("system", "user"), "system": ("user",), "user": ("assistant",), "assistant": ("user",),
+              "call": ("tool",), "tool": ("tool", "assistant")}
+
+
+def _check_message(m, i: int, where: str) -> None:
+    at = f"{where}: message {i}"
+    if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+        raise SFTError(f"{at} must be a dict with a string 'content'")
+    if m.get("role") not in ROLES:
+        raise SFTError(f"{at} has role {m.get('role')!r}; known: {', '.join(ROLES)}")
+    for key in ("tool_calls", "reasoning"):
+        if m.get(key) is not None and m["role"] != "assistant":
+            raise SFTError(f"{at} ({m['role']}) has {key!r}; only assistant messages may")
+    if m.get("reasoning") is not None and not isinstance(m["reasoning"], str):
+        raise SFTError(f"{at}: 'reasoning' must be a string")
+    for k, call in enumerate(m.get("tool_calls") or ()):
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"]
+                and isinstance(call.get("arguments"), dict)):
+            raise SFTError(f"{at} tool_calls[{k}]: a tool call is {{\"name\": str, \"arguments\": dict}} "
+                           "(arguments parsed from JSON)")
 
 
 def validate_conversation(messages: list[dict], where: str = "conversation", tools: list[dict] | None = None) -> None:
     """Raise SFTError unless the conversation has the shape every template accepts.
 
-    Order: an optional system message, then user first; user -> assistant -> user ...; an assistant
-    message with tool_calls may be followed by its tool results (role "tool", one or more), and
-    those by the next assistant message. `tools` (default: the conversation's own) must be a list
-    of JSON objects or None. Fields: a string `content` everywhere; `tool_calls`
-    ([{"name": str, "arguments": dict}]) and `reasoning` (str) only on assistant messages.
+    Order: an optional system message, then user first; user -> assistant -> user ...; an
+    assistant message with tool_calls is followed by its results (one or more `tool` messages,
+    whose tool_call_id, when given, names one of those calls), and they by the next assistant
+    message. A prompt may end anywhere; loaders require a training conversation to end with an
+    assistant message. `tools` (default: the conversation's own) is a list of objects or None.
+    Fields: a string `content` everywhere; `tool_calls` ([{"name": str, "arguments": dict}]) and
+    `reasoning` (str) only on assistant messages.
     """
     if not isinstance(messages, list) or not messages:
         raise SFTError(f"{where}: a conversation must be a non-empty list of messages")
     tools = tools_of(messages) if tools is None else tools
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise SFTError(f"{where}: 'tools' must be a list of JSON schema objects, got {type(tools).__name__}")
-    prev = None
+    prev, call_ids = None, set()
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise SFTError(f"{where}: message {i} must be a dict with a string 'content'")
-        allowed = _NEXT_ROLES[prev]
-        if prev == "assistant" and messages[i - 1].get("tool_calls"):
-            allowed = ("user", "tool")
-        if m.get("role") not in allowed:
-            raise SFTError(f"{where}: message {i} has role {m.get('role')!r}, expected "
-                           f"{' or '.join(repr(r) for r in allowed)} (an optional system message, then "
-                           "user/assistant alternating, user first; tool results follow an assistant tool call)")
-        prev = m["role"]
-        for key in ("tool_calls", "reasoning"):
-            if m.get(key) is not None and m["role"] != "assistant":
-                raise SFTError(f"{where}: message {i} ({m['role']}) has {key!r}; only assistant messages may")
-        if m.get("reasoning") is not None and not isinstance(m["reasoning"], str):
-            raise SFTError(f"{where}: message {i}: 'reasoning' must be a string")
-        for k, call in enumerate(m.get("tool_calls") or ()):
-            if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"]
-                    and isinstance(call.get("arguments"), dict)):
-                raise SFTError(f"{where}: message {i} tool call {k} must be {{\"name\": str, \"arguments\": "
-                               "dict}} (arguments parsed from JSON)")
+        _check_message(m, i, where)
+        role, allowed = m["role"], NEXT_ROLES[prev]
+        if role == "tool" and "tool" not in allowed:
+            raise SFTError(f"{where}: message {i} is a tool result with no preceding tool call (a 'tool' "
+                           "message follows an assistant message with tool_calls, or another tool result)")
+        if role not in allowed:
+            raise SFTError(f"{where}: message {i} has role {role!r}, expected {' or '.join(map(repr, allowed))} "
+                           "(an optional system message, then user/assistant alternating, user first; "
+                           "an assistant tool call is followed by its tool results)")
+        if role == "tool" and call_ids and m.get("tool_call_id", "") not in call_ids | {""}:
+            raise SFTError(f"{where}: message {i} answers tool_call_id {m['tool_call_id']!r}, but the calls "
+                           f"before it have ids {sorted(call_ids)}")
+        if role == "assistant":
+            call_ids = {c["id"] for c in m.get("tool_calls") or [] if "id" in c}
+        prev = "call" if role == "assistant" and m.get("tool_calls") else role
 
 
 def split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:

@@ -43,8 +43,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.conversation import ROLES, Conversation, tools_of
-from data.formats_tools import (openai_message, parse_tools, split_think, tool_calls_from_value,
-                                validate_conversation)
+from data.conversation import validate_conversation
+from data.formats_tools import openai_message, parse_tools, split_think, tool_calls_from_value
 from model.errors import SFTError
 from model.files import first_char, iter_jsonl, read_json
 

@@ -33,9 +33,9 @@ Pitfalls this file exists for:
 - A call to a function not in `tools` is real data, not a mistake (models get asked about
   functions they do not have): `tool_report` counts it so the caller can print a warning.
 
-Order of messages (validate_conversation): an optional system message, then user and assistant
-alternating, user first; an assistant message that calls tools is followed by one or more `tool`
-messages, then by an assistant message again:
+Order of messages (data.conversation.validate_conversation): an optional system message, then
+user and assistant alternating, user first; an assistant message that calls tools is followed by
+one or more `tool` messages, then by an assistant message again:
 
     system? (user assistant | user (assistant+calls tool+)+ assistant)*
 """
@@ -45,13 +45,11 @@ import json
 from collections import Counter
 from typing import NamedTuple
 
-from data.conversation import ROLES, tools_of
+from data.conversation import tools_of
+from data.tool_templates import split_think as split_reasoning
 from model.errors import SFTError
 
 PART_ORDER = {"reasoning": 0, "text": 1, "tool_call": 2}  # the order parts may appear in a turn
-NEXT_ROLES = {  # role of the previous message ("call" = assistant with tool calls) -> allowed roles
-    None: ("system", "user"), "system": ("user",), "user": ("assistant",), "assistant": ("user",),
-    "call": ("tool",), "tool": ("tool", "assistant")}
 
 
 def _kind(value) -> str:
@@ -218,53 +216,8 @@ def split_think(message: dict, where: str) -> dict:
     if text.count("</think>") > 1 or before.strip():
         raise SFTError(f"{where}: expected one <think>...</think> block at the start of the answer; "
                        "text outside it would be lost")
-    reasoning = head.rstrip("\n").split("<think>")[-1].lstrip("\n")
-    return {**message, "content": text.split("</think>")[-1].lstrip("\n"), "reasoning": reasoning}
-
-
-# ---- order ----
-
-def _check_message(m, i: int, where: str) -> None:
-    at = f"{where}: message {i}"
-    if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-        raise SFTError(f"{at} must be a dict with a string 'content'")
-    if m.get("role") not in ROLES:
-        raise SFTError(f"{at} has role {m.get('role')!r}; known: {', '.join(ROLES)}")
-    if m["role"] != "assistant" and ("tool_calls" in m or "reasoning" in m):
-        raise SFTError(f"{at}: only assistant messages carry tool_calls or reasoning")
-    if not isinstance(m.get("reasoning", ""), str):
-        raise SFTError(f"{at}: reasoning must be a string")
-    for k, c in enumerate(m.get("tool_calls") or []):
-        if not (isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"]
-                and isinstance(c.get("arguments"), dict)):
-            raise SFTError(f"{at} tool_calls[{k}]: a tool call is {{\"name\": str, \"arguments\": dict}}")
-
-
-def validate_conversation(messages: list[dict], where: str = "conversation") -> None:
-    """Raise SFTError unless the messages follow the order of the module docstring.
-
-    It checks order only: a prompt may end anywhere (a user turn, a tool result); the loader is
-    what requires a training conversation to end with an assistant message.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise SFTError(f"{where}: a conversation must be a non-empty list of messages")
-    prev, call_ids = None, set()
-    for i, m in enumerate(messages):
-        _check_message(m, i, where)
-        role, allowed = m["role"], NEXT_ROLES[prev]
-        if role == "tool" and "tool" not in allowed:
-            raise SFTError(f"{where}: message {i} is a tool result with no preceding tool call (a 'tool' message "
-                           "follows an assistant message with tool_calls, or another tool result)")
-        if role not in allowed:
-            raise SFTError(f"{where}: message {i} has role {role!r}, expected {' or '.join(map(repr, allowed))} "
-                           "(an optional system message, then user/assistant alternating, user first; "
-                           "an assistant tool call is followed by its tool results)")
-        if role == "tool" and call_ids and m.get("tool_call_id", "") not in call_ids | {""}:
-            raise SFTError(f"{where}: message {i} answers tool_call_id {m['tool_call_id']!r}, but the calls "
-                           f"before it have ids {sorted(call_ids)}")
-        if role == "assistant":
-            call_ids = {c["id"] for c in m.get("tool_calls") or [] if "id" in c}
-        prev = "call" if role == "assistant" and m.get("tool_calls") else role
+    reasoning, answer = split_reasoning(text)  # the one parser, the template's own
+    return {**message, "content": answer, "reasoning": reasoning}
 
 
 # ---- what was loaded ----

@@ -124,11 +124,12 @@ def run(args: argparse.Namespace) -> int:
     convs = load_conversations(cfg.data.train, format=cfg.data.format)
     if not convs:
         raise SFTError(f"{cfg.data.train}: no conversations")
-    _, report = tokenize_dataset(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, source=cfg.data.train)
+    _, report = tokenize_dataset(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, source=cfg.data.train,
+                                 train_on_reasoning=cfg.data.train_on_reasoning)
     shown = []
     for i in range(args.index, min(args.index + args.n, len(convs))):
         samples = tokenize_conversation_samples(tok, template, convs[i], cfg.data.max_seq_len, cfg.data.loss_on,
-                                                where=f"{cfg.data.train} conversation {i}")
+                                                where=f"{cfg.data.train} conversation {i}", train_on_reasoning=cfg.data.train_on_reasoning)
         print(f"--- conversation {i} (template {template}, {cfg.data.loss_on}) ---")
         if not samples:
             print("(dropped: no trainable token within max_seq_len)")

@@ -23,8 +23,11 @@ inference see the same prompt; each assistant turn is one run of model-written s
 Families: alpaca, chatml, llama2, llama3 (Meta-Llama-3), mistral, zephyr, vicuna here; the four
 with tool and thinking syntax -- llama3.1 (also Llama-3.3), llama3.2, qwen2.5, qwen3 -- in
 data/tool_templates.py, which also parses generated tool calls back (`parse_tool_calls`). A
-template without tool syntax refuses a conversation with tools, tool calls or tool results, and
-one without thinking syntax refuses `reasoning`, rather than silently dropping them.
+template without tool syntax refuses a conversation with tools, tool calls or tool results
+rather than silently dropping them. A template without thinking syntax writes an assistant's
+`reasoning` as a `<think>...</think>` block at the start of its answer (the DeepSeek-R1 layout,
+and what `<think>` data looked like before a loader split it out), as REASONING text; only qwen3
+has its own syntax for it.
 
 BOS/EOS strings are part of the text, exactly where the Jinja template writes `bos_token` /
 `eos_token`; the tokenizer maps those strings to their special ids. Pass the tokenizer's own
@@ -48,11 +51,9 @@ from pathlib import Path
 
 from data.conversation import (Part, Segments, has_reasoning, split_system, tool_data_in, tools_of,
                                validate_conversation)
-from data.conversation import validate_conversation as validate_messages  # noqa: F401  (old name, data/formats.py)
 from data.jinja_sources import KNOWN_JINJA  # name -> the Jinja source we reproduce (saved with models)
-# parse_tool_calls and ParsedCalls are public here too: data.templates is the one entry point
-from data.tool_templates import (DATED_FAMILIES, LLAMA_DEFAULT_DATE, THINKING_FAMILIES, TOOL_FAMILIES,  # noqa: F401
-                                 TOOL_FAMILY_STOPS, ParsedCalls, RenderOptions, parse_tool_calls)
+from data.tool_templates import (DATED_FAMILIES, LLAMA_DEFAULT_DATE, THINK_CLOSE, THINK_OPEN, THINKING_FAMILIES,
+                                 TOOL_FAMILIES, TOOL_FAMILY_STOPS, RenderOptions)
 from model.errors import SFTError
 from model.files import read_json
 
@@ -187,10 +188,9 @@ def _check_template_can_write(name: str, messages: list[dict], tools: list[dict]
     if lacking and name not in TOOL_FAMILIES:
         raise SFTError(f"{where}: template {name!r} has no tool syntax and would drop the {lacking}; "
                        f"use a template with tools ({', '.join(TOOL_FAMILIES)}) or remove the tool data")
-    if (has_reasoning(messages) or enable_thinking is not None) and name not in THINKING_FAMILIES:
-        what = "the assistant 'reasoning'" if has_reasoning(messages) else "enable_thinking"
-        raise SFTError(f"{where}: template {name!r} has no thinking syntax and would drop {what}; "
-                       f"templates with thinking: {', '.join(THINKING_FAMILIES)}")
+    if enable_thinking is not None and name not in THINKING_FAMILIES:
+        raise SFTError(f"{where}: template {name!r} has no thinking syntax, so enable_thinking does "
+                       f"nothing; templates with thinking: {', '.join(THINKING_FAMILIES)}")
     if date_string is not None and name not in DATED_FAMILIES:
         raise SFTError(f"{where}: template {name!r} writes no date; date_string is for {', '.join(DATED_FAMILIES)}")
 
@@ -203,10 +203,42 @@ def _segments(name: str, messages: list[dict], add_generation_prompt: bool, tool
     tools = tools_of(messages) if tools is None else tools
     validate_conversation(messages, where, tools)
     _check_template_can_write(name, messages, tools, enable_thinking, date_string, where)
+    inline = name not in THINKING_FAMILIES and has_reasoning(messages)
+    if inline:
+        messages = _reasoning_into_text(messages)
     bos, eos = FAMILY_TOKENS[name]
     options = RenderOptions(name, where, bos if bos_token is None else bos_token, eos if eos_token is None else eos_token,
                             tools, enable_thinking, LLAMA_DEFAULT_DATE if date_string is None else date_string)
-    return [(t, part) for t, part in TEMPLATES[name](messages, add_generation_prompt, options) if t]
+    segs = [(t, part) for t, part in TEMPLATES[name](messages, add_generation_prompt, options) if t]
+    return _split_inline_reasoning(segs) if inline else segs
+
+
+def _reasoning_into_text(messages: list[dict]) -> list[dict]:
+    """Reasoning written where a template without thinking syntax can show it: a <think> block
+    at the start of the answer, as DeepSeek-R1 writes it (and as the text was before a loader
+    split it out). Dropping it silently would train a different model than the data says."""
+    out = [dict(m) for m in messages]
+    for m in out:
+        if m.get("reasoning"):
+            m["content"] = THINK_OPEN + "\n" + m.pop("reasoning") + "\n" + THINK_CLOSE + "\n\n" + m["content"]
+        m.pop("reasoning", None)
+    return type(messages)(out, tools_of(messages)) if tools_of(messages) is not None else out
+
+
+_INLINE_THINK = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE) + r"\n*", re.S)
+
+
+def _split_inline_reasoning(segs: Segments) -> Segments:
+    """Cut the <think> block of _reasoning_into_text out of each ANSWER segment as REASONING."""
+    out: Segments = []
+    for text, part in segs:
+        m = _INLINE_THINK.search(text) if part == Part.ANSWER else None
+        if m is None:
+            out.append((text, part))
+            continue
+        out += [(t, p) for t, p in ((text[:m.start()], part), (m.group(), Part.REASONING),
+                                    (text[m.end():], part)) if t]
+    return out
 
 
 def render(template_name: str, messages: list[dict], add_generation_prompt: bool = False, *,

@@ -16,7 +16,6 @@ The report is a before/after table per constraint type, an SVG of the same bars
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,27 +25,6 @@ from evaluation.generation import EvalModel
 from evaluation.ifeval import evaluate_ifeval
 from evaluation.report import svg_bar_chart
 from model.files import atomic_write
-from model.options import opt
-from training.config import Config
-
-
-@dataclass
-class DemoSection:
-    constraints: list[str] = opt([], "IFEval instruction ids to teach and test (empty: all in "
-                                 "data/demo_wordings.py)")
-    mix: str = opt("", "real instruction data mixed into the built training set")
-    mix_records: int = opt(0, "use only the first N conversations of mix (0: all)", ge=0)
-    texts_per_topic: int = opt(8, "teacher texts sampled per training topic", ge=1)
-    pairs_per_text: int = opt(4, "constraints derived from each teacher text", ge=1)
-    heldout_per_type: int = opt(10, "held-out evaluation prompts per constraint type", ge=1)
-    max_new_tokens: int = opt(96, "greedy tokens per held-out answer", ge=1)
-    eval_batch_size: int = opt(50, "held-out prompts generated together", ge=1)
-
-
-@dataclass
-class DemoConfig(Config):
-    """A training config plus the demo's own [demo] section (configs/demo.toml)."""
-    demo: DemoSection = field(default_factory=DemoSection)
 
 
 def constraint_eval(model: torch.nn.Module, chat: Chat, items_path: str | Path, max_new_tokens: int,

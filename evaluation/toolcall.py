@@ -41,33 +41,16 @@ batched generation and the template's own tool-call parser), so it is tested wit
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal
 
 from data.conversation import Conversation
+from data.tool_templates import ParsedCalls  # what parse(reply) returns: calls, attempted, parseable, problem
 from model.errors import SFTError
 
 Verdict = Literal["right call", "wrong arguments", "wrong function", "unparseable", "no call",
                   "text", "call instead of text"]
 CALL_VERDICTS: tuple[Verdict, ...] = ("right call", "wrong arguments", "wrong function", "unparseable", "no call")
 TEXT_VERDICTS: tuple[Verdict, ...] = ("text", "call instead of text")
-
-
-class ParsedCalls(NamedTuple):
-    """What `parse(reply_text)` returns; the same fields as data.tool_templates' parse_tool_calls
-    result (any object with these attributes will do).
-
-    calls      [{"name": str, "arguments": dict}] in the order written; arguments already decoded
-               from JSON (a parser that finds them as a string decodes them)
-    attempted  the reply uses the template's call syntax at all (Qwen: a `<tool_call>` tag; Llama:
-               the reply is a JSON object), whether or not it parses
-    parseable  attempted, and every attempt is a well-formed call; a reply with one bad call among
-               good ones is unparseable
-    problem    why not parseable ("" when it is)
-    """
-    calls: list[dict]
-    attempted: bool
-    parseable: bool
-    problem: str = ""
 
 
 def json_equal(a, b) -> bool:

@@ -25,19 +25,48 @@ def _require(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_file():
     """`shared_file("data/ifeval_input_data.jsonl")` -> Path, or skip/fail when absent."""
     return lambda rel: _require(SHARED / rel)
 
 
-@pytest.fixture
+PICO = ROOT / "checkpoints" / "pico-base"
+
+
+@pytest.fixture(scope="session")
 def pico_dir() -> Path:
     """The pretrained tiny base model shipped in the repo (checkpoints/pico-base)."""
-    return _require(ROOT / "checkpoints" / "pico-base")
+    return _require(PICO)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def tiny_dir(pico_dir, tmp_path_factory) -> Path:
+    """A 2-layer random Llama with pico-base's real tokenizer, saved in HF layout (~0.7 MB):
+    fast enough to train a few steps in every test that needs a whole run."""
+    from model.checkpoint import save_pretrained
+    from model.llama import Config, Transformer
+    from model.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    cfg = Config(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    save_pretrained(Transformer(cfg), folder, tokenizer=Tokenizer.from_pretrained(pico_dir))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_llama2_dir() -> Path:
     """Random-weight, sharded, GQA Llama-2 checkpoint with the real Llama-2 tokenizer."""
     return _require(SHARED / "models" / "tiny-random-llama2")
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_dir, tmp_path_factory) -> Path:
+    """A valid r=4 LoRA adapter (q_proj, v_proj) for tiny_dir."""
+    from lora import apply_lora, save_adapter
+    from model.checkpoint import load_pretrained
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    save_adapter(apply_lora(load_pretrained(tiny_dir), r=4, alpha=8), folder)
+    return folder

@@ -35,43 +35,21 @@ from data.formats import load_conversations
 from evaluation.ifeval import load_ifeval
 from evaluation.judge import load_questions
 from evaluation.mc import load_mc_items
-from lora import apply_lora, load_adapter, save_adapter
-from model.checkpoint import load_pretrained, save_pretrained
+from lora import load_adapter
+from model.checkpoint import load_pretrained
 from model.errors import SFTError
-from model.llama import Config, Transformer
 from model.safetensors import SafeFile, load_file, load_sharded, save_file
 from model.tokenizer import Tokenizer
 from training.config import load_config
 from training.data import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
-PICO = ROOT / "checkpoints" / "pico-base"
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
 OPENAI = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]}
 
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with pico-base's tokenizer, saved in HF layout (~0.7 MB)."""
-    if not PICO.exists():
-        pytest.skip("checkpoints/pico-base missing")
-    torch.manual_seed(0)
-    cfg = Config(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    save_pretrained(Transformer(cfg), folder, tokenizer=Tokenizer.from_pretrained(PICO))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_dir, tmp_path_factory) -> Path:
-    """A valid r=4 LoRA adapter (q_proj, v_proj) for tiny_dir."""
-    folder = tmp_path_factory.mktemp("adapter") / "adapter"
-    save_adapter(apply_lora(load_pretrained(tiny_dir), r=4, alpha=8), folder)
-    return folder
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ from typing import Callable
 
 import pytest
 
-from test_bad_inputs import CASES, GOOD, adapter_dir, edit_json, jsonl, put, tiny_dir  # noqa: F401 (fixtures)
+from test_bad_inputs import CASES, GOOD, edit_json, jsonl, put
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,17 +111,15 @@ def run(spec: dict) -> dict:
     return {"losses": losses, "norms": norms, "weights": final}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# One node, rendezvous on a port the c10d store picks itself (localhost:0): no port is chosen
+# here and then lost to another process before torchrun binds it.
+STANDALONE = ("--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--nnodes=1")
 
 
 def torchrun(spec: dict, tmp_path: Path, nproc: int = 2) -> dict:
     spec = {**spec, "out": str(tmp_path / "out.pt")}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__,
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *STANDALONE, __file__,
            "--worker", json.dumps(spec)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -167,7 +164,6 @@ def test_two_processes_full_finetune_match_one_process_and_resume_in_one(tmp_pat
 
 @pytest.mark.parametrize("finetune", ["lora", "qlora"])
 def test_two_processes_lora_and_qlora_match_one_process(finetune, tmp_path, one_thread):
-    pytest.importorskip("lora")
     ref = run({"finetune": finetune, "steps": 3})
     two = torchrun({"finetune": finetune, "steps": 3}, tmp_path)
     assert_same_run(two, ref)
@@ -197,7 +193,6 @@ def test_eval_batches_give_every_rank_the_same_count_and_cover_each_row_once():
 
 # ---------------------------------------------------------------------------- train.py itself
 
-PICO = ROOT / "checkpoints" / "pico-base"
 QUICKSTART = ROOT / "data" / "quickstart" / "alpaca_300.jsonl"
 
 
@@ -214,26 +209,17 @@ def metrics(run_dir: Path, kind: str, key: str) -> list[float]:
     return [r[key] for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_train_py_under_torchrun_matches_one_process_and_resumes_in_one(tmp_path, one_thread):
-    if not (PICO.exists() and QUICKSTART.exists()):
-        pytest.skip("checkpoints/pico-base or the quickstart data is missing")
+def test_train_py_under_torchrun_matches_one_process_and_resumes_in_one(tmp_path, one_thread, tiny_dir):
     import shutil
 
+    from model.checkpoint import load_pretrained
     from training import loop as T
-    from model.checkpoint import load_pretrained, save_pretrained
-    from model.tokenizer import Tokenizer
     from training.config import load_config
 
-    torch.manual_seed(0)
-    model_dir = tmp_path / "tiny"
-    save_pretrained(Transformer(Config(vocab_size=4096, hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, tie_word_embeddings=True)),
-                    model_dir, tokenizer=Tokenizer.from_pretrained(PICO))
+    model_dir = tiny_dir
     T.train(load_config(None, train_overrides(tmp_path, model_dir, "one")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "train.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *STANDALONE, str(ROOT / "train.py"),
            *train_overrides(tmp_path, model_dir, "two")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -29,30 +29,16 @@ import torch
 
 import train
 from training import loop as T
-from model.checkpoint import load_pretrained, save_pretrained
+from model.checkpoint import load_pretrained
 from model.errors import SFTError
-from model.llama import Config, Transformer
 from model.tokenizer import Tokenizer
 from training import checkpointing as ckpt
 from training.config import load_config
 from training.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
-PICO = ROOT / "checkpoints" / "pico-base"
 QUICKSTART = ROOT / "data" / "quickstart" / "alpaca_300.jsonl"
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    if not PICO.exists():
-        pytest.skip("checkpoints/pico-base missing")
-    torch.manual_seed(0)
-    cfg = Config(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    save_pretrained(Transformer(cfg), folder, tokenizer=Tokenizer.from_pretrained(PICO))
-    return folder
 
 
 def overrides(out_dir: Path, model: Path, name: str, *extra: str) -> list[str]:

@@ -5,7 +5,8 @@ import pytest
 
 from data.conversation import Conversation
 from data.formats import load_conversations
-from data.formats_tools import split_think, tool_report, validate_conversation
+from data.conversation import validate_conversation
+from data.formats_tools import split_think, tool_report
 from model.errors import SFTError
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather now",

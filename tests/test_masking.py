@@ -13,12 +13,8 @@ CONV = [{"role": "system", "content": "Be brief."},
 
 
 @pytest.fixture(scope="module")
-def pico():
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "checkpoints" / "pico-base"
-    if not path.exists():
-        pytest.skip("checkpoints/pico-base missing")
-    return Tokenizer.from_pretrained(path)
+def pico(pico_dir):
+    return Tokenizer.from_pretrained(pico_dir)
 
 
 def trained_runs(sample):

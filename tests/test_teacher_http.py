@@ -1,10 +1,8 @@
 """A real OpenAI-compatible HTTP server (stdlib, 127.0.0.1, in a thread) answering with pico-base
 drives the teacher, the judge filter and the three synthesis loops end to end."""
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -14,16 +12,9 @@ from data.teacher import Teacher
 from model.errors import SFTError
 
 
-PICO = Path(__file__).resolve().parents[1] / "checkpoints" / "pico-base"
-
-
 @pytest.fixture(scope="module")
-def server():
-    if not PICO.exists():  # module scope cannot use the function-scoped pico_dir fixture
-        if os.environ.get("REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(f"missing {PICO}")
-        pytest.skip(f"missing {PICO}")
-    pico = PICO
+def server(pico_dir):
+    pico = pico_dir
     local = Teacher(model_dir=str(pico))  # the server's brain: our own generate
     state = {"requests": 0, "fail_next": 0, "auth": []}
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from data.conversation import Conversation, Part, validate_conversation
-from data.templates import (KNOWN_JINJA, TEMPLATES, parse_tool_calls, render, render_segments, stop_strings,
+from data.tool_templates import parse_tool_calls
+from data.templates import (KNOWN_JINJA, TEMPLATES, render, render_segments, stop_strings,
                             template_from_tokenizer_config)
 from model.errors import SFTError
 
@@ -111,10 +112,13 @@ def test_templates_without_tool_syntax_refuse_tool_data_by_name(name):
 
 
 @pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"qwen3"}))
-def test_templates_without_thinking_syntax_refuse_reasoning(name):
-    with pytest.raises(SFTError, match=f"template '{name}' has no thinking syntax.*'reasoning'.*qwen3"):
-        render(name, [Q1, A1])
-    with pytest.raises(SFTError, match="would drop enable_thinking"):
+def test_templates_without_thinking_syntax_write_reasoning_as_a_think_block(name):
+    inline = dict(A1, content="<think>\n" + A1["reasoning"] + "\n</think>\n\n" + A1["content"])
+    del inline["reasoning"]
+    assert render(name, [Q1, A1]) == render(name, [Q1, inline])  # what the text was before a split
+    segs = render_segments(name, [Q1, A1])
+    assert [t for t, p in segs if p == Part.REASONING] == ["<think>\n" + A1["reasoning"] + "\n</think>\n\n"]
+    with pytest.raises(SFTError, match="no thinking syntax, so enable_thinking does nothing"):
         render(name, [Q1], True, enable_thinking=False)
     assert render(name, [Q1, dict(A1, reasoning="")]) == render(name, [Q1, {"role": "assistant", "content": "4"}])
 
@@ -130,13 +134,15 @@ def test_llama_refuses_what_its_jinja_would_raise_on_or_drop():
 
 
 def test_conversations_with_tools_are_validated():
-    with pytest.raises(SFTError, match="message 1 has role 'tool', expected 'assistant'"):
+    with pytest.raises(SFTError, match="message 1 is a tool result with no preceding tool call"):
         validate_conversation([ASK, RESULT])
-    with pytest.raises(SFTError, match="message 2 has role 'tool', expected 'user'"):
+    with pytest.raises(SFTError, match="message 2 is a tool result with no preceding tool call"):
         validate_conversation([ASK, ANSWER, RESULT])  # a result needs a preceding call
+    with pytest.raises(SFTError, match="message 2 has role 'user', expected 'tool'"):
+        validate_conversation([ASK, CALL, Q1])  # a call is answered by its results first
     with pytest.raises(SFTError, match="message 0 \\(user\\) has 'tool_calls'"):
         validate_conversation([dict(ASK, tool_calls=CALL["tool_calls"])])
-    with pytest.raises(SFTError, match="tool call 0 must be"):
+    with pytest.raises(SFTError, match=r"message 1 tool_calls\[0\]: a tool call is"):
         validate_conversation([ASK, dict(CALL, tool_calls=[{"name": "f", "arguments": '{"a": 1}'}])])
     with pytest.raises(SFTError, match="'tools' must be a list"):
         validate_conversation(Conversation(CONV, tools={"name": "f"}))

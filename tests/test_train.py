@@ -8,9 +8,8 @@ import torch
 import train
 from training import loop as T
 from training import step as S
-from model.checkpoint import load_pretrained, save_pretrained
+from model.checkpoint import load_pretrained
 from model.errors import SFTError
-from model.llama import Config, Transformer
 from model.loss import masked_ce_sum
 from model.tokenizer import Tokenizer
 from training import checkpointing as ckpt
@@ -18,22 +17,8 @@ from training.config import load_config
 from training.optim import build_optimizer, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
-PICO = ROOT / "checkpoints" / "pico-base"
 QUICKSTART = ROOT / "data" / "quickstart" / "alpaca_300.jsonl"
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 2-layer random model with pico-base's real tokenizer, saved in HF layout."""
-    if not PICO.exists():
-        pytest.skip("checkpoints/pico-base missing")
-    torch.manual_seed(0)
-    cfg = Config(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    save_pretrained(Transformer(cfg), folder, tokenizer=Tokenizer.from_pretrained(PICO))
-    return folder
 
 
 def cfg_for(tmp_path, model_dir, name, *overrides):
@@ -159,10 +144,10 @@ def test_cli_prints_config_errors_on_one_line_and_exits_2(capsys):
     assert "optim.warmup_steps" in capsys.readouterr().out
 
 
-def test_finetuning_pico_base_on_shared_alpaca_lowers_held_out_loss(tmp_path, shared_file):
+def test_finetuning_pico_base_on_shared_alpaca_lowers_held_out_loss(tmp_path, shared_file, pico_dir):
     data = shared_file("data/llamafactory_alpaca_en_demo.json")
     out = T.train(load_config(None, [
-        f"model.path={PICO}", f"run.out_dir={tmp_path}", "run.name=pico", f"data.train={data}",
+        f"model.path={pico_dir}", f"run.out_dir={tmp_path}", "run.name=pico", f"data.train={data}",
         "data.max_records=40", "data.max_seq_len=256", "data.eval_fraction=0.25",
         "train.batch_size=4", "train.max_steps=10", "optim.lr=5e-4", "optim.warmup_steps=2",
         "eval.sample_prompts=0", "run.threads=1"]))

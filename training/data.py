@@ -54,9 +54,11 @@ def split_held_out(convs: list, fraction: float, seed: int) -> tuple[list, list]
     return [c for i, c in enumerate(convs) if i not in held], [convs[i] for i in sorted(held)]
 
 
-def tokenize_all(chat: Chat, convs: list, max_len: int, strategy: str, where: str) -> list[dict]:
+def tokenize_all(chat: Chat, convs: list, cfg: Config, where: str) -> list[dict]:
     """Template + tokenize + mask; prints what was dropped and why (data/masking.py)."""
-    samples, report = tokenize_dataset(chat.tokenizer, chat.template, convs, max_len, strategy, source=where)
+    samples, report = tokenize_dataset(chat.tokenizer, chat.template, convs, cfg.data.max_seq_len,
+                                       cfg.data.loss_on, source=where,
+                                       train_on_reasoning=cfg.data.train_on_reasoning)
     if convs and not samples:
         raise SFTError(f"{where}: no conversation kept a trainable token (check data.template, "
                        f"data.loss_on and data.max_seq_len)")
@@ -80,8 +82,8 @@ def prepare_data(cfg: Config, chat: Chat) -> TrainData:
         raise SFTError(f"{cfg.data.train}: all {len(convs)} conversation(s) are held out; add data "
                        "or lower data.eval_fraction")
     max_len = cfg.data.max_seq_len
-    train = tokenize_all(chat, train_convs, max_len, cfg.data.loss_on, cfg.data.train)
-    held = tokenize_all(chat, eval_convs, max_len, cfg.data.loss_on, cfg.data.eval or "held-out")
+    train = tokenize_all(chat, train_convs, cfg, cfg.data.train)
+    held = tokenize_all(chat, eval_convs, cfg, cfg.data.eval or "held-out")
     held_rows = collate(pack(held, max_len)) if held else None
     if held_rows is not None and cfg.eval.max_rows:
         held_rows = {k: v[:cfg.eval.max_rows] for k, v in held_rows.items()}
