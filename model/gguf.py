@@ -68,6 +68,7 @@ import torch
 
 from model.checkpoint import read_config
 from model.errors import SFTError, read_text, run_cli
+from model.llama import Config
 from model.safetensors import open_sharded
 from model.tokenizer import _read_json
 
@@ -294,7 +295,7 @@ def _architecture(hf: dict, path: Path) -> str:
     return ARCHITECTURES[names[0]]
 
 
-def llama3_rope_factors(cfg) -> torch.Tensor:
+def llama3_rope_factors(cfg: Config) -> torch.Tensor:
     """(head_dim/2,) fp32: what llama.cpp divides each RoPE frequency by for Llama-3 scaling,
     computed in fp32 in the same steps as llama.cpp's converter, so the tensor is bit-identical."""
     s = cfg.rope_scaling
@@ -306,7 +307,7 @@ def llama3_rope_factors(cfg) -> torch.Tensor:
     return torch.where(wavelen < old / hi, 1.0, torch.where(wavelen > old / lo, s["factor"], between))
 
 
-def model_metadata(arch: str, cfg, hf: dict, path: Path) -> dict[str, tuple[int, object]]:
+def model_metadata(arch: str, cfg: Config, hf: dict, path: Path) -> dict[str, tuple[int, object]]:
     """`{arch}.*` keys: the shape, attention, RoPE and norm settings llama.cpp reads."""
     context = cfg.max_position_embeddings
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
@@ -376,7 +377,7 @@ def storage_type(name: str, shape: tuple[int, ...], want: str) -> str:
     return "f16" if shape[-1] % TENSOR_TYPES[want][1] else want
 
 
-def plan_tensors(folder: Path, arch: str, cfg, want: str) -> list[TensorEntry]:
+def plan_tensors(folder: Path, arch: str, cfg: Config, want: str) -> list[TensorEntry]:
     """Every tensor of the file, in llama.cpp's names, layout and storage types (nothing read yet)."""
     entries = []
     if arch == "llama" and (cfg.rope_scaling or {}).get("rope_type") == "llama3":
@@ -447,7 +448,7 @@ def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, type: GG
     """
     folder, out = Path(folder), Path(out_path)
     if type not in TENSOR_TYPES:
-        raise SFTError(f"--type {type!r} is not one of {', '.join(TENSOR_TYPES)}")
+        raise SFTError(f"GGUF type {type!r} is not one of {', '.join(TENSOR_TYPES)} (--type)")
     if out.exists() and not overwrite:
         raise SFTError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
     if not out.parent.is_dir():

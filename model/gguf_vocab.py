@@ -16,6 +16,13 @@ the algorithm to run on it, under `tokenizer.ggml.*`:
 Ids with no token (vocab_size in config.json is often padded past the tokenizer) become
 "[PADn]" unused entries, so the list is as long as the embedding matrix.
 
+The dummy prefix (see model/tokenizer.py): llama.cpp puts SentencePiece's leading "▁" before
+every run of text that follows a special token, as HF's *legacy* Llama tokenizer does; the
+non-legacy one we train with puts it only at the start of the whole text. GGUF can only switch
+the prefix on or off, so for a non-legacy tokenizer we write `add_space_prefix = false`: chat
+prompts (which begin with BOS) then tokenize exactly as in training, and a raw prompt must spell
+out its leading space (" Once upon a time").
+
 Special ids (`bos/eos/unknown/padding_token_id`) come from the names in tokenizer_config.json, and
 config.json's ids fill the gaps (Llama-3 names `<|eot_id|>` as eos there while config.json lists
 three ids; the chat stop token is the one we want). `add_bos_token` says whether llama.cpp
@@ -74,8 +81,8 @@ def _sentencepiece(folder: Path, n_vocab: int) -> tuple[dict, dict[str, int | No
     meta = {"tokenizer.ggml.model": (STRING, "llama"), "tokenizer.ggml.pre": (STRING, "default"),
             "tokenizer.ggml.tokens": (ARRAY, (STRING, tokens)), "tokenizer.ggml.scores": (ARRAY, (F32, scores)),
             "tokenizer.ggml.token_type": (ARRAY, (I32, types))}
-    if isinstance(tok.config.get("add_prefix_space"), bool):
-        meta["tokenizer.ggml.add_space_prefix"] = (BOOL, tok.config["add_prefix_space"])
+    # legacy: "▁" after every special token, as llama.cpp does; else off (see the docstring)
+    meta["tokenizer.ggml.add_space_prefix"] = (BOOL, tok.add_prefix_space and tok.legacy)
     ids = {"bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id, "pad": tok.pad_id}
     adds = {"bos": tok.config.get("add_bos_token", True), "eos": tok.config.get("add_eos_token", False)}
     return meta, ids, adds

@@ -76,6 +76,13 @@ def test_round_half_away_from_zero_exactly():
     assert _round_half_away(x).tolist() == [1, 2, 3, -1, -3, 0, -1, 127, 0]  # floor(x + .5) gives 1 for 0.49999997
 
 
+def test_q8_0_rounds_codes_half_away_from_zero():
+    x = torch.zeros(1, 32)
+    x[0, :7] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5])  # d = 127 / 127 = 1 exactly
+    codes = quantize_q8_0(x)[0, 2:9].view(torch.int8).tolist()
+    assert codes == [127, 1, 2, 3, -1, -3, 127]  # round-half-to-even would give 0, 2, 2, 0, -2, 126
+
+
 def test_q8_0_error_is_at_most_half_a_step_per_block():
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 2, 64)[:, None]
     blocks = quantize_q8_0(x)
@@ -174,6 +181,7 @@ def test_pico_q8_0_export_names_types_and_bits_per_weight(pico_q8):
     assert m["tokenizer.ggml.model"] == "llama" and len(m["tokenizer.ggml.tokens"]) == 4096
     assert (m["tokenizer.ggml.bos_token_id"], m["tokenizer.ggml.eos_token_id"], m["tokenizer.ggml.add_bos_token"]) == (1, 2, True)
     assert m["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]  # <unk> unknown, <s> </s> control, <0x00> byte
+    assert m["tokenizer.ggml.add_space_prefix"] is False  # non-legacy: "▁" only at the text start
     assert "tokenizer.chat_template" not in m  # pico-base has none
 
 
