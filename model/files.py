@@ -91,9 +91,15 @@ def read_text(path: PathLike, what: str = "file") -> str:
     return _decode(read_bytes(path, what), path, 1, first=True)
 
 
-def read_json(path: PathLike, what: str = "JSON file") -> Any:
-    """A whole JSON document; invalid JSON names the file, line and column."""
+_REQUIRED = object()
+
+
+def read_json(path: PathLike, what: str = "JSON file", default: Any = _REQUIRED) -> Any:
+    """A whole JSON document; invalid JSON names the file, line and column. `default`: what an
+    optional file that does not exist reads as (e.g. {} for generation_config.json)."""
     path = Path(path)
+    if default is not _REQUIRED and not path.exists():
+        return default
     try:
         return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:

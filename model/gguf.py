@@ -59,18 +59,17 @@ import mmap
 import os
 import re
 import struct
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Literal, NamedTuple
 
 import torch
 
 from model.checkpoint import read_config
-from model.errors import SFTError, read_text, run_cli
+from model.cli import run_cli
+from model.errors import SFTError
+from model.files import atomic_file, read_json, read_text
 from model.llama import Config
 from model.safetensors import open_sharded
-from model.tokenizer import _read_json
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q4_0"]
 # type name -> (ggml type id, values per block, bytes per block)
@@ -342,7 +341,7 @@ def model_metadata(arch: str, cfg: Config, hf: dict, path: Path) -> dict[str, tu
 
 def sampling_metadata(folder: Path) -> dict[str, tuple[int, object]]:
     """generation_config.json's sampling defaults, which llama.cpp's samplers start from."""
-    gen = _read_json(folder / "generation_config.json")
+    gen = read_json(folder / "generation_config.json", default={})
     keys = {"temperature": ("general.sampling.temp", F32), "top_p": ("general.sampling.top_p", F32),
             "top_k": ("general.sampling.top_k", I32)}
     return {key: (vtype, gen[name]) for name, (key, vtype) in keys.items()
@@ -423,21 +422,6 @@ class ExportReport(NamedTuple):
                 f"{self.bits_per_weight:.3f} bits per weight")
 
 
-@contextmanager
-def _atomic_output(path: Path):
-    """A binary file that appears at `path` only when complete (temp file + rename).
-    Local until the project's one helper (model/files.py) lands; then use that."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, type: GGUFType = "q8_0",
                 overwrite: bool = False, template_jinja: str | None = None) -> ExportReport:
     """Write the HF model in `folder` as one GGUF file for llama.cpp / Ollama.
@@ -455,7 +439,7 @@ def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, type: GG
         raise SFTError(f"{out.parent}: no such folder for the output file")
     from model.gguf_vocab import vocab_metadata  # it imports this module's constants
     cfg = read_config(folder)  # checks config.json exists and holds a shape we can read
-    hf = _read_json(folder / "config.json")
+    hf = read_json(folder / "config.json", "config.json")
     arch = _architecture(hf, folder / "config.json")
     tensors = plan_tensors(folder, arch, cfg, type)
     metadata = {"general.architecture": (STRING, arch), "general.type": (STRING, "model"),
@@ -463,7 +447,7 @@ def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, type: GG
                 **sampling_metadata(folder), **model_metadata(arch, cfg, hf, folder / "config.json"),
                 "general.file_type": (U32, FILE_TYPES[type]), "general.quantization_version": (U32, 2),
                 **vocab_metadata(folder, cfg.vocab_size, template_jinja)}
-    with _atomic_output(out) as f:
+    with atomic_file(out) as f:
         write_gguf(f, metadata, tensors)
     types: dict[str, int] = {}
     for e in tensors:

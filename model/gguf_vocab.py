@@ -33,9 +33,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.errors import SFTError, read_text
+from model.errors import SFTError
+from model.files import read_json, read_text
 from model.gguf import ARRAY, BOOL, F32, I32, STRING, U32
-from model.tokenizer import Tokenizer, _content, _read_json as _json
+from model.tokenizer import Tokenizer, _content
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(1, 7)  # tokenizer.ggml.token_type
 SPLIT_NAMES = {  # tokenizer.json Split regex -> llama.cpp pre-tokenizer name
@@ -102,7 +103,7 @@ def _pre_tokenizer(tj: dict, path: Path) -> str:
 
 def _byte_level_bpe(folder: Path, n_vocab: int, tok_cfg: dict) -> tuple[dict, dict[str, int | None], dict]:
     path = folder / "tokenizer.json"
-    tj = _json(path)
+    tj = read_json(path, path.name, default={})
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise SFTError(f"{path}: model.type is {model.get('type')!r}; only BPE tokenizers can be exported")
@@ -141,7 +142,7 @@ def chat_template_metadata(folder: Path, tok_cfg: dict, override: str | None) ->
     if template is None and (folder / "chat_template.jinja").exists():
         template = read_text(folder / "chat_template.jinja", "chat template")
     if template is None:
-        template = _json(folder / "chat_template.json").get("chat_template")
+        template = read_json(folder / "chat_template.json", "chat_template.json", default={}).get("chat_template")
     if template is None:
         return {}
     if isinstance(template, str):
@@ -158,14 +159,14 @@ def chat_template_metadata(folder: Path, tok_cfg: dict, override: str | None) ->
 def vocab_metadata(folder: str | Path, n_vocab: int, template_jinja: str | None = None) -> dict:
     """Every `tokenizer.*` key for the folder's tokenizer (n_vocab: config.json's vocab_size)."""
     folder = Path(folder)
-    tok_cfg = _json(folder / "tokenizer_config.json")
+    tok_cfg = read_json(folder / "tokenizer_config.json", "tokenizer_config.json", default={})
     if (folder / "tokenizer.model").exists():
         meta, ids, adds = _sentencepiece(folder, n_vocab)
     elif (folder / "tokenizer.json").exists():
         meta, ids, adds = _byte_level_bpe(folder, n_vocab, tok_cfg)
     else:
         raise SFTError(f"{folder}: no tokenizer.model or tokenizer.json to export")
-    hf = _json(folder / "config.json")
+    hf = read_json(folder / "config.json", "config.json")
     for typ, key in SPECIAL_KEYS.items():
         i = ids.get(typ)
         i = i if i is not None else hf.get(f"{typ}_token_id")

@@ -41,12 +41,6 @@ from model.files import atomic_write, read_json
 NO_DUMMY_PREFIX = bytes([0x1A, 0x02, 0x18, 0x00])  # ModelProto.normalizer_spec.add_dummy_prefix = false
 
 
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    return read_json(path, path.name)
-
-
 def _content(tok) -> str | None:
     """A special token given as a string or as {"content": ...}."""
     return tok.get("content") if isinstance(tok, dict) else tok
@@ -109,9 +103,9 @@ class Tokenizer:
         if not model_path.exists():
             raise SFTError(f"{model_path}: missing (only SentencePiece tokenizers are supported; "
                            "a tokenizer.json-only folder cannot be loaded)")
-        added = _read_json(folder / "added_tokens.json")
-        return cls(model_path.read_bytes(), _read_json(folder / "tokenizer_config.json"),
-                   _read_json(folder / "special_tokens_map.json"), added, str(model_path))
+        added = read_json(folder / "added_tokens.json", default={})
+        return cls(model_path.read_bytes(), read_json(folder / "tokenizer_config.json", default={}),
+                   read_json(folder / "special_tokens_map.json", default={}), added, str(model_path))
 
     def _piece_id(self, piece: str, where: str) -> int:
         idx = self.token_to_id(piece)
