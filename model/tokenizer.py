@@ -102,6 +102,7 @@ class AddedToken:
 
 
 def _is_word_char(c: str) -> bool:
+    """Unicode \\w as the tokenizers library's regex crate has it (letters, marks, digits, _ ...)."""
     return unicodedata.category(c)[0] in "LM" or unicodedata.category(c) in ("Nd", "Nl", "Pc")
 
 
@@ -233,7 +234,7 @@ class Tokenizer:
             backend = SentencePiece(model_path.read_bytes(), config, str(model_path))
             return cls(backend, config, special_map, _read_json(folder / "added_tokens.json"))
         if json_path.exists():
-            return cls(BPE(json_path.read_bytes(), str(json_path)), config, special_map)
+            return cls(BPE(_read_json(json_path), json_path.read_bytes(), str(json_path)), config, special_map)
         raise SFTError(f"{model_path}: missing, and no tokenizer.json either (a folder needs a SentencePiece "
                        "tokenizer.model or a byte-level BPE tokenizer.json)")
 
