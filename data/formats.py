@@ -256,3 +256,18 @@ def load_conversations(path: str | Path, format: str = "auto", *, paths: str = "
             raise
         out.append(conv)
     return out
+
+
+def record_texts(record: dict, where: str = "record") -> list[str]:
+    """Every non-empty text of one record, for checks that must see all the text a file holds
+    (tokenizer parity and speed): each message of a whole OASST tree (every branch, deleted and
+    unreviewed ones too), each message of an Alpaca, ShareGPT or OpenAI record (as
+    `load_conversations` builds them), each turn of an MT-Bench question ({"turns": [...]})."""
+    if isinstance(record.get("turns"), list):
+        return [t for t in record["turns"] if t]
+    fmt = detect_format(record, where)
+    if fmt == "oasst":
+        msg = record.get("prompt", record)
+        return [t for t in [msg.get("text"), *(t for r in msg.get("replies") or [] for t in record_texts(r, where))] if t]
+    convert = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "openai": from_openai}[fmt]
+    return [m["content"] for m in convert(record, where) if m["content"]]

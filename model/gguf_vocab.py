@@ -36,7 +36,7 @@ from pathlib import Path
 from model.errors import SFTError
 from model.files import read_json, read_text
 from model.gguf import ARRAY, BOOL, F32, I32, STRING, U32
-from model.tokenizer import Tokenizer, _content
+from model.tokenizer import Tokenizer, token_content
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(1, 7)  # tokenizer.ggml.token_type
 SPLIT_NAMES = {  # tokenizer.json Split regex -> llama.cpp pre-tokenizer name
@@ -68,7 +68,7 @@ def _place_added(tokens, scores, types, i: int, text: str, special: bool, where:
 
 def _sentencepiece(folder: Path, n_vocab: int) -> tuple[dict, dict[str, int | None], dict]:
     tok = Tokenizer.from_pretrained(folder)
-    sp = tok.sp
+    sp = tok.backend.sp
     if sp.vocab_size() > n_vocab:
         raise SFTError(f"{folder / 'tokenizer.model'}: {sp.vocab_size()} pieces but config.json vocab_size is {n_vocab}")
     tokens, scores, types = _padded(n_vocab)
@@ -76,14 +76,15 @@ def _sentencepiece(folder: Path, n_vocab: int) -> tuple[dict, dict[str, int | No
         tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
         types[i] = (UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else
                     UNUSED if sp.is_unused(i) else BYTE if sp.is_byte(i) else NORMAL)
-    for text, i in tok.added.items():
+    for text, added in tok.added.items():
+        i = added.id
         if i >= sp.vocab_size() or types[i] == NORMAL:  # the model's own <s>, <unk>, bytes keep their type
             _place_added(tokens, scores, types, i, text, i in tok.special, str(folder / "tokenizer_config.json"))
     meta = {"tokenizer.ggml.model": (STRING, "llama"), "tokenizer.ggml.pre": (STRING, "default"),
             "tokenizer.ggml.tokens": (ARRAY, (STRING, tokens)), "tokenizer.ggml.scores": (ARRAY, (F32, scores)),
             "tokenizer.ggml.token_type": (ARRAY, (I32, types))}
     # legacy: "▁" after every special token, as llama.cpp does; else off (see the docstring)
-    meta["tokenizer.ggml.add_space_prefix"] = (BOOL, tok.add_prefix_space and tok.legacy)
+    meta["tokenizer.ggml.add_space_prefix"] = (BOOL, tok.backend.add_prefix_space and tok.backend.legacy)
     ids = {"bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id, "pad": tok.pad_id}
     adds = {"bos": tok.config.get("add_bos_token", True), "eos": tok.config.get("add_eos_token", False)}
     return meta, ids, adds
@@ -121,7 +122,7 @@ def _byte_level_bpe(folder: Path, n_vocab: int, tok_cfg: dict) -> tuple[dict, di
     # inside a part is written in the byte alphabet, "Ġ", so that "a b" stays unambiguous)
     merges = [m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m)
               for m in model.get("merges") or []]
-    ids = {typ: by_text.get(_content(tok_cfg.get(f"{typ}_token"))) for typ in SPECIAL_KEYS}
+    ids = {typ: by_text.get(token_content(tok_cfg.get(f"{typ}_token"))) for typ in SPECIAL_KEYS}
     post = tj.get("post_processor") or {}
     adds = {"bos": tok_cfg.get("add_bos_token") is True, "eos": tok_cfg.get("add_eos_token") is True}
     for step in post.get("processors", [post]):
