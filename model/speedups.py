@@ -30,13 +30,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.llama import DecoderLayer, RMSNorm, _acc
-from model.matmul import Linear, set_onednn
+from model.matmul import ONEDNN, TORCH, Linear, Routing, calibrate, set_routing
 from model.recompute import recompute_saved
 
 
@@ -68,11 +69,16 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _SwiGLUFn(torch.autograd.Function):
     """silu(a) * b, keeping only a and b (B, T, F) for backward: one (B, T, F) tensor per layer
-    less than autograd keeps, the largest activations of the block."""
+    less than autograd keeps, the largest activations of the block.
+
+    `silu_memo` is a list through which the recomputation of this output for down_proj's
+    weight gradient (which runs just before this backward) hands over the silu(a) it made,
+    so that backward does not compute it a second time."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, silu_memo: list) -> torch.Tensor:
         ctx.save_for_backward(a, b)
+        ctx.silu_memo = silu_memo
         return swiglu(a, b)
 
     @staticmethod
@@ -80,9 +86,16 @@ class _SwiGLUFn(torch.autograd.Function):
         a, b = ctx.saved_tensors
         # the very kernels autograd would run for silu(a) * b, minus the saved silu(a), each
         # writing into a buffer it just made: two (B, T, F) temporaries at the peak, not four
-        db = F.silu(a).mul_(g)
+        db = (ctx.silu_memo.pop() if ctx.silu_memo else F.silu(a)).mul_(g)
         gb = g * b
-        return torch.ops.aten.silu_backward.grad_input(gb, a, grad_input=gb), db
+        return torch.ops.aten.silu_backward.grad_input(gb, a, grad_input=gb), db, None
+
+
+def _swiglu_leaving_silu(a: torch.Tensor, b: torch.Tensor, silu_memo: list) -> torch.Tensor:
+    """swiglu(a, b), recomputed in backward, with silu(a) left in silu_memo for _SwiGLUFn."""
+    sa = F.silu(a)
+    silu_memo.append(sa)
+    return sa * b
 
 
 class LeanRMSNorm(RMSNorm):
@@ -107,29 +120,37 @@ class LeanDecoderLayer(DecoderLayer):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
         a, b = mlp.gate_proj(x), mlp.up_proj(x)
-        s = _SwiGLUFn.apply(a, b) if self.lean_backward else swiglu(a, b)
-        with recompute_saved(s, partial(swiglu, a, b), self.recompute):  # down_proj: recomputed s
+        if self.lean_backward:
+            memo: list[torch.Tensor] = []
+            s = _SwiGLUFn.apply(a, b, memo)
+            recompute_s = partial(_swiglu_leaving_silu, a, b, memo)
+        else:
+            s, recompute_s = swiglu(a, b), partial(swiglu, a, b)
+        with recompute_saved(s, recompute_s, self.recompute):  # down_proj keeps a recipe for s
             return mlp.down_proj(s)
 
 
 @dataclass
 class Applied:
-    """What `apply` switched on (oneDNN is False where it does not work on this machine)."""
-    onednn: bool
+    """What `apply` switched on; `routing` says which library runs each fp32 product."""
+    routing: Routing
     lean_backward: bool
     recompute: bool
 
 
-def apply(model: nn.Module, onednn: bool = True, lean_backward: bool = True,
+def apply(model: nn.Module, onednn: bool | Literal["auto"] = "auto", lean_backward: bool = True,
           recompute: bool = True) -> Applied:
-    """Swap the speed/memory versions into `model` in place (see the module docstring)."""
-    onednn = set_onednn(onednn)
+    """Swap the speed/memory versions into `model` in place (see the module docstring).
+
+    onednn: "auto" routes each product to the library measured faster here (model/matmul.py),
+    True sends every fp32 product to oneDNN, False keeps torch's default (MKL on x86)."""
+    routing = set_routing(calibrate() if onednn == "auto" else ONEDNN if onednn else TORCH)
     for module in model.modules():
-        if onednn and type(module) is nn.Linear:
+        if routing.uses_onednn() and type(module) is nn.Linear:
             module.__class__ = Linear
         elif lean_backward and type(module) is RMSNorm:
             module.__class__ = LeanRMSNorm
         elif (lean_backward or recompute) and type(module) is DecoderLayer:
             module.__class__ = LeanDecoderLayer
             module.lean_backward, module.recompute = lean_backward, recompute
-    return Applied(onednn, lean_backward, recompute)
+    return Applied(routing, lean_backward, recompute)
