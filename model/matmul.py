@@ -16,13 +16,16 @@ torch sends fp32 `mm` to MKL's sgemm. Every x86 torch also carries oneDNN (the l
     Intel Xeon family 6 model 207 (AVX-512)     ~same forward; weight grad: MKL ahead, because
                                                 oneDNN copies a transposed operand first
 
-So the library is chosen per product by measuring, not by vendor: `calibrate()` times both on
-a few representative shapes (~0.1-0.3 s) and routes a product to oneDNN only where it is at
-least 10% faster; everything else stays on torch's default. The choice is cached per machine
-(CPU model, torch version, library caps, threads) in ~/.cache/sft-from-scratch/ (or
-$XDG_CACHE_HOME), so later runs skip the timing. A cache can only make a run slower, never wrong:
-both libraries compute the same IEEE fp32 products (no bf16/tf32 shortcuts), differing only by
-summation order (~1e-6 relative); an unreadable or foreign cache entry is measured again.
+So the library is chosen per product by measuring, not by vendor: `calibrate()` times both,
+taking turns, on two layer shapes with 1024 rows (~0.5 s on 2 cores, once per machine) and
+routes a product to oneDNN only where it runs at least 1.25x MKL's speed; near-ties stay on
+torch's default, which also keeps the plain model's arithmetic. The choice is cached per machine
+(CPU model, torch version, library caps such as ONEDNN_MAX_CPU_ISA, threads) in
+~/.cache/sft-from-scratch/gemm_routing.json (or under $XDG_CACHE_HOME), so later runs skip the
+timing; a measurement taken while the load average exceeds the core count serves its run but is
+not cached. A cache can only make a run slower, never wrong: both libraries compute the same IEEE
+fp32 products (no bf16/tf32 shortcuts), differing only by summation order (~1e-6 relative), and
+an unreadable or foreign entry is measured again.
 
     forward_mm(x, w)     x @ w.T         for 2-D tensors, no autograd (the fused loss uses these)
     input_grad_mm(g, w)  g @ w
