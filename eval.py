@@ -41,7 +41,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where there is one (no "(default: None)")."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+        if any(action.default is d for d in (None, False, argparse.SUPPRESS)) or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
