@@ -146,14 +146,18 @@ def _table(value: Any, f: dataclasses.Field, key: str, where: str) -> Any:
         raise SFTError(f"{where}: '{key}' entries must be tables ([[{key}]])")
     kind = value.get("type")
     if kind not in variants:
-        raise SFTError(f"{where}: [[{key}]] type {kind!r} is unknown; known: {', '.join(variants)}")
+        close = difflib.get_close_matches(str(kind), list(variants), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise SFTError(f"{where}: [[{key}]] type {kind!r} is unknown; {hint}known: {', '.join(variants)}")
     table = variants[kind]()
     fields = {g.name: (g, typ) for g, typ in _fields(table)}
     for name, v in value.items():
         if name == "type":
             continue
         if name not in fields:
-            raise SFTError(f"{where}: [[{key}]] type {kind}: unknown key '{name}'; known: "
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise SFTError(f"{where}: [[{key}]] type {kind}: unknown key '{name}'; {hint}known: "
                            f"{', '.join(fields) or '(none)'}")
         g, typ = fields[name]
         setattr(table, name, check_value(v, typ, g, f"{key}.{name}", where))
