@@ -59,8 +59,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if Path(sys.path[0]).resolve() == ROOT / "bench":  # run as a script: bench/ leads sys.path, and
-    sys.path[0] = str(ROOT)                          # its tokenize.py would shadow the stdlib's
+sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
