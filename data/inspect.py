@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     if not convs:
         raise SFTError(f"{cfg.data.train}: no conversations")
     if args.index >= len(convs):
-        raise SFTError(f"--index {args.index}: {cfg.data.train} holds {len(convs)} conversations (0 to {len(convs) - 1})")
+        raise SFTError(f"--index {args.index}: {cfg.data.train} holds {len(convs)} conversations "
+                       f"(0 to {len(convs) - 1})")
     _, report = tokenize_dataset(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, source=cfg.data.train,
                                  train_on_reasoning=cfg.data.train_on_reasoning)
     shown = []

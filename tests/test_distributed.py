@@ -209,7 +209,8 @@ def metrics(run_dir: Path, kind: str, key: str) -> list[float]:
     return [r[key] for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_train_py_under_torchrun_splits_grad_accum_1_matches_one_process_and_resumes_in_one(tmp_path, one_thread, tiny_dir):
+def test_train_py_under_torchrun_splits_grad_accum_1_matches_one_process_and_resumes_in_one(tmp_path, one_thread,
+                                                                                          tiny_dir):
     import shutil
 
     from model.checkpoint import load_pretrained

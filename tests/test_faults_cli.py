@@ -292,7 +292,8 @@ FAULTS = [
     Fault("added_tokens_json_a_list", lambda c: train(c, model=model(c, lambda f: put(f, "added_tokens.json", '["x"]'))),
           ("added_tokens.json",)),
     Fault("chat_template_we_do_not_reproduce", lambda c: train(c, model=model(
-        c, edit_json("tokenizer_config.json", chat_template="{{ messages }}"))), ("tokenizer_config.json", "data.template=")),
+        c, edit_json("tokenizer_config.json", chat_template="{{ messages }}"))),
+          ("tokenizer_config.json", "data.template=")),
     Fault("model_path_missing", lambda c: train(c, model=c.tmp / "nope"), ("nope",)),
     Fault("model_path_a_file", lambda c: train(c, model=put(c.tmp, "model.bin", "x")), ("model.bin",)),
     # --- the data ---
@@ -449,7 +450,8 @@ def results(cli_runner, tiny_dir, adapter_dir, base_run, tmp_path_factory) -> di
     assert {p: tree_digest(p) for p in shared} == shared, "a shared fixture (the user's files) changed"
     if os.environ.get("SFT_FAULTS_TABLE"):  # for the table (see the end of this file)
         Path(os.environ["SFT_FAULTS_TABLE"]).write_text(json.dumps(
-            {k: {"category": v["category"], "rc": v["rc"], "seconds": v["seconds"], "err": v["err"][-1500:]} for k, v in out.items()}))
+            {k: {"category": v["category"], "rc": v["rc"], "seconds": v["seconds"], "err": v["err"][-1500:]}
+             for k, v in out.items()}))
     return out
 
 

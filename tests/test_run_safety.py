@@ -73,16 +73,39 @@ def test_every_option_is_either_free_to_change_on_resume_or_refused(tmp_path):
             "lora.r", "lora.alpha", "lora.dropout", "lora.targets", "model.dtype", "data.template"} <= refused
 
 
+@pytest.fixture(scope="module")
+def checkpointed(tiny_dir, tmp_path_factory) -> tuple[Path, Config]:
+    """A run folder with step_1/ and the config that wrote it."""
+    out = tmp_path_factory.mktemp("checkpointed")
+    cfg = load_config(None, args(out, tiny_dir, "r", "run.save_every=1"))
+    T.train(cfg, stop_after=1)
+    return out / "r", cfg
+
+
+SHAPING = sorted(set(all_keys(Config())) - MAY_CHANGE - {"model.path", "data.train", "data.eval"})
+
+
+@pytest.mark.parametrize("key", SHAPING)
+def test_resuming_with_a_shaping_setting_changed_is_refused_naming_it(key, checkpointed):
+    run_dir, cfg = checkpointed
+    section, name = key.split(".")
+    other = dataclasses.replace(cfg, **{section: dataclasses.replace(
+        getattr(cfg, section), **{name: changed(getattr(getattr(cfg, section), name))})})
+    with pytest.raises(SFTError, match=rf"step_1: resuming with other settings .*\({key}: ") as err:
+        ckpt.resume_point(run_dir, None, "full", ckpt.shaping_settings(other), total_steps=3)
+    assert "\n" not in str(err.value)
+
+
 def test_data_files_and_the_base_model_are_compared_by_content_not_by_path(tmp_path, tiny_dir):
     import shutil
     moved = tmp_path / "moved"
     shutil.copytree(tiny_dir, moved / "model")
     (moved / "data.jsonl").write_bytes(DATA.read_bytes())
     a = ckpt.shaping_settings(load_config(None, [f"model.path={tiny_dir}", f"data.train={DATA}"]))
-    b = ckpt.shaping_settings(load_config(None, [f"model.path={moved / 'model'}", f"data.train={moved / 'data.jsonl'}"]))
-    assert ckpt.settings_changes(a, b) == []
+    elsewhere = [f"model.path={moved / 'model'}", f"data.train={moved / 'data.jsonl'}"]
+    assert ckpt.settings_changes(a, ckpt.shaping_settings(load_config(None, elsewhere))) == []
     (moved / "data.jsonl").write_bytes(DATA.read_bytes() + DATA.read_bytes()[:200])
-    b = ckpt.shaping_settings(load_config(None, [f"model.path={moved / 'model'}", f"data.train={moved / 'data.jsonl'}"]))
+    b = ckpt.shaping_settings(load_config(None, elsewhere))
     assert [c.split(":")[0] for c in ckpt.settings_changes(a, b)] == ["data.train"]
 
 
@@ -95,7 +118,8 @@ def test_a_checkpoint_without_stored_settings_is_compared_with_the_run_config_to
     with pytest.raises(SFTError, match=r"optim.lr: 0.0003 -> 0.01"):
         T.train(load_config(None, args(tmp_path, tiny_dir, "r", "run.save_every=1", "run.resume=true",
                                        "optim.lr=1e-2")))
-    assert T.train(load_config(None, args(tmp_path, tiny_dir, "r", "run.save_every=1", "run.resume=true")))["steps"] == 3
+    done = T.train(load_config(None, args(tmp_path, tiny_dir, "r", "run.save_every=1", "run.resume=true")))
+    assert done["steps"] == 3
 
 
 def test_overwrite_keeps_the_earlier_run_until_the_new_one_finishes(tmp_path, tiny_dir):

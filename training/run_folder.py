@@ -36,6 +36,7 @@ from model.cli import uninterrupted
 from model.errors import SFTError
 from model.files import remove_folder
 from training import distributed as D
+from training.checkpointing import step_dirs
 
 LOCK = ".lock"
 OUTPUTS = ("final", "merged")  # besides step_N/: what makes a folder hold a run worth keeping
@@ -43,7 +44,6 @@ OUTPUTS = ("final", "merged")  # besides step_N/: what makes a folder hold a run
 
 def holds_run(folder: Path) -> bool:
     """A finished model or a checkpoint lives here (not just a config and a metrics log)."""
-    from training.checkpointing import step_dirs
     return folder.is_dir() and (bool(step_dirs(folder)) or any((folder / o).is_dir() for o in OUTPUTS))
 
 
@@ -121,7 +121,6 @@ def _make_dirs(folder: Path) -> list[Path]:
 def refuse_replacing(folder: Path, resume: bool, overwrite: bool, resumed: bool) -> None:
     """Raise when this start would mix into or replace an earlier run without being asked to.
     `resumed`: a checkpoint of the folder was loaded (run.resume=true found one)."""
-    from training.checkpointing import step_dirs
     if resumed:
         return
     if resume and (folder / "final").is_dir():
