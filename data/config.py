@@ -34,7 +34,9 @@ class DataConfig:
 
 
 def validate_data(data: DataConfig) -> None:
-    """Checks that a type alone cannot express: the template name is a known one."""
+    """Checks that a type alone cannot express: a training file is named, the template is known."""
+    if not data.train.strip():
+        raise SFTError("config: 'data.train' is empty; name the training conversations file")
     if data.template != "auto" and data.template not in TEMPLATES:
         close = difflib.get_close_matches(data.template, list(TEMPLATES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import argparse
 import html
-from dataclasses import dataclass, field
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.chat import chat_for
 from data.config import DataConfig, validate_data
-from data.formats import load_conversations
 from data.conversation import Part
+from data.formats import load_conversations
 from data.masking import IGNORE_INDEX, sample_segments, tokenize_dataset, tokenize_segments, truncate
-from model.cli import run_cli
+from model.cli import ArgParser, number, run_cli
 from model.errors import SFTError
 from model.files import atomic_write
 from model.options import load_options, opt
@@ -146,20 +146,20 @@ class InspectConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="python -m data.inspect", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="a training config (TOML); the flags below override it")
     p.add_argument("--data", help="dataset file (data.train)")
     p.add_argument("--format", help="auto, alpaca, sharegpt, openai, oasst (data.format)")
     p.add_argument("--model", help="model folder whose tokenizer to use (model.path)")
     p.add_argument("--template", help="chat template name, or auto (data.template)")
-    p.add_argument("--max-len", type=int, help="truncate to this many tokens (data.max_seq_len)")
+    p.add_argument("--max-len", type=number(int, 8), help="truncate to this many tokens (data.max_seq_len)")
     p.add_argument("--strategy", help="train_on_assistant, train_on_last, train_on_all (data.loss_on)")
-    p.add_argument("--index", type=int, default=0, help="first sample to show")
-    p.add_argument("-n", type=int, default=2, help="how many samples to show")
+    p.add_argument("--index", type=number(int, 0), default=0, help="first sample to show")
+    p.add_argument("-n", type=number(int, 1), default=2, help="how many samples to show")
     p.add_argument("--html", help="where to write the HTML page (default: runs/inspect/<data file>.html)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    return run_cli(lambda: run(args), args.debug)
+    argv = sys.argv[1:] if argv is None else argv
+    return run_cli(lambda: run(p.parse_args(argv)), "--debug" in argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
     convs = load_conversations(cfg.data.train, format=cfg.data.format)
     if not convs:
         raise SFTError(f"{cfg.data.train}: no conversations")
+    if args.index >= len(convs):
+        raise SFTError(f"--index {args.index}: {cfg.data.train} holds {len(convs)} conversations "
+                       f"(0 to {len(convs) - 1})")
     _, report = tokenize_dataset(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, source=cfg.data.train,
                                  train_on_reasoning=cfg.data.train_on_reasoning)
     shown = []

@@ -344,30 +344,32 @@ def normalize_jinja(source: str) -> str:
 _KNOWN_NORMALIZED = {normalize_jinja(src): name for name, src in KNOWN_JINJA.items()}
 
 
-def template_from_tokenizer_config(config: dict | str | Path) -> str:
+def template_from_tokenizer_config(config: dict | str | Path, option: str = "data.template") -> str:
     """The name of our template whose Jinja source equals the checkpoint's `chat_template`.
 
     `config` is a tokenizer_config.json dict or a model folder. Raises SFTError when the folder has
-    no chat template or its template is not one we reproduce byte for byte.
+    no chat template or its template is not one we reproduce byte for byte; the message says how
+    to name one with `option`, the way the calling tool spells it (`data.template`, `--template`).
     """
+    choose = f"{option}{'=' if '.' in option else ' '}NAME (one of {', '.join(TEMPLATES)})"
     source = "tokenizer_config.json"
     if not isinstance(config, dict):
         path = Path(config) / "tokenizer_config.json"
         source = str(path)
         if not path.is_file():
-            raise SFTError(f"{path}: not found; set template= in the config (one of {', '.join(TEMPLATES)})")
+            raise SFTError(f"{path}: not found; choose a template with {choose}")
         config = read_json(path, "tokenizer_config.json")
     jinja = config.get("chat_template")
     if isinstance(jinja, list):  # newer HF layout: [{"name": "default", "template": ...}, ...]
         jinja = next((t.get("template") for t in jinja if t.get("name") == "default"), None)
     if not jinja:
-        raise SFTError(f"{source}: has no chat_template (a base model?); set template= in the config "
-                       f"to one of {', '.join(TEMPLATES)} (alpaca is a good choice for a base model)")
+        raise SFTError(f"{source}: has no chat_template (a base model?); choose a template with {choose}; "
+                       "alpaca is a good choice for a base model")
     name = _KNOWN_NORMALIZED.get(normalize_jinja(jinja))
     if name:
         return name
     guess = next((fam for marker, fam in FAMILY_MARKERS if marker in jinja), None)
     hint = (f"it looks like the {guess} family but is not the {guess} template we reproduce byte for byte; "
             if guess else "")
-    raise SFTError(f"{source}: unknown chat_template ({hint}we do not run Jinja); set template= in the "
-                   f"config to one of {', '.join(TEMPLATES)} after checking it renders the same text")
+    raise SFTError(f"{source}: unknown chat_template ({hint}we do not run Jinja); choose a template with "
+                   f"{choose} after checking it renders the same text")

@@ -55,6 +55,7 @@ def load_eval_model(folder: str | Path, adapter: str | Path | None = None, templ
         model = merge_lora(load_adapter(model, str(adapter)))
     model.eval()
     tokenizer = Tokenizer.from_pretrained(str(folder))
+    tokenizer.check_fits(model.config.vocab_size, folder / "config.json")
     chat = chat_for(folder, tokenizer, template or "auto", model.config.eos_ids, option="--template")
     return EvalModel(model, chat, str(folder), str(adapter) if adapter else None,
                      [chat.note] if chat.note else [])

@@ -59,10 +59,18 @@ import sentencepiece as spm
 
 from model.bpe import BPE
 from model.errors import SFTError
-from model.files import atomic_write, read_json
+from model.files import atomic_write, read_bytes, read_json
 from model.unicode_regex import WHITE_SPACE
 
 NO_DUMMY_PREFIX = bytes([0x1A, 0x02, 0x18, 0x00])  # ModelProto.normalizer_spec.add_dummy_prefix = false
+
+
+def _json_object(path: Path, required: bool = False) -> dict:
+    """A tokenizer JSON file that must hold an object ({} when an optional one is absent)."""
+    data = read_json(path, path.name) if required else read_json(path, path.name, default={})
+    if not isinstance(data, dict):
+        raise SFTError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def token_content(tok) -> str | None:
@@ -218,16 +226,28 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "Tokenizer":
         folder = Path(folder)
-        config = read_json(folder / "tokenizer_config.json", default={})
-        special_map = read_json(folder / "special_tokens_map.json", default={})
+        config = _json_object(folder / "tokenizer_config.json")
+        special_map = _json_object(folder / "special_tokens_map.json")
         model_path, json_path = folder / "tokenizer.model", folder / "tokenizer.json"
         if model_path.exists():
-            backend = SentencePiece(model_path.read_bytes(), config, str(model_path))
-            return cls(backend, config, special_map, read_json(folder / "added_tokens.json", default={}))
+            backend = SentencePiece(read_bytes(model_path, "SentencePiece tokenizer.model"), config, str(model_path))
+            added = _json_object(folder / "added_tokens.json")
+            bad = next((k for k, v in added.items() if not isinstance(v, int) or isinstance(v, bool)), None)
+            if bad is not None:
+                raise SFTError(f"{folder / 'added_tokens.json'}: {bad!r} maps to {added[bad]!r}, not a token id")
+            return cls(backend, config, special_map, added)
         if json_path.exists():
-            return cls(BPE(read_json(json_path, "tokenizer.json"), json_path.read_bytes(), str(json_path)), config, special_map)
+            data = read_bytes(json_path, "tokenizer.json")
+            return cls(BPE(_json_object(json_path, required=True), data, str(json_path)), config, special_map)
         raise SFTError(f"{model_path}: missing, and no tokenizer.json either (a folder needs a SentencePiece "
                        "tokenizer.model or a byte-level BPE tokenizer.json)")
+
+    def check_fits(self, vocab_size: int, config_path: str | os.PathLike) -> None:
+        """Every id this tokenizer can produce must have a row in the model's embedding."""
+        if self.vocab_size > vocab_size:
+            raise SFTError(f"{config_path}: vocab_size {vocab_size} is smaller than the tokenizer's "
+                           f"{self.vocab_size} tokens ({self.backend.file_name}): ids >= {vocab_size} have no "
+                           "embedding row; use the model's own tokenizer, or a model with a larger vocab_size")
 
     def _piece_id(self, piece: str, where: str) -> int:
         idx = self.token_to_id(piece)

@@ -81,9 +81,9 @@ def test_template_from_tokenizer_config_maps_known_templates(tiny_llama2_dir):
 
 
 def test_template_from_tokenizer_config_says_to_set_template_when_unknown(pico_dir):
-    with pytest.raises(SFTError, match="no chat_template.*set template="):
+    with pytest.raises(SFTError, match="no chat_template.*data.template=NAME"):
         template_from_tokenizer_config(pico_dir)
-    with pytest.raises(SFTError, match="looks like the chatml family.*set template="):
+    with pytest.raises(SFTError, match="looks like the chatml family.*data.template=NAME"):
         template_from_tokenizer_config({"chat_template": "{{ '<|im_start|>' + messages[0]['content'] }}"})
     with pytest.raises(SFTError, match="unknown chat_template"):
         template_from_tokenizer_config({"chat_template": "{{ messages }}"})
