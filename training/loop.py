@@ -39,6 +39,7 @@ from data.chat import Chat, chat_for
 from model import speedups
 from model.checkpoint import load_pretrained
 from model.errors import SFTError
+from model.files import atomic_write_json
 from model.tokenizer import Tokenizer
 from training import checkpointing as ckpt
 from training import distributed as D
@@ -172,6 +173,7 @@ def setup(cfg: Config) -> Run:
     if rank == 0:
         ckpt.prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, cfg.run.overwrite)
         save_toml(cfg, run_dir / "config.toml")
+        atomic_write_json(run_dir / "data_report.json", data.report)
     D.barrier()
     latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
     if latest is not None:  # weights go in before sharding, while every tensor is whole
