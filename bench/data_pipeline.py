@@ -154,7 +154,7 @@ def run_ours(data: Path, model: Path, template: str, scratch: Path, profile: boo
     overrides = [f"model.path={model}", f"run.out_dir={scratch / 'runs'}", f"run.name={model.name}",
                  "run.overwrite=true", f"data.sources=[{{path = \"{data}\"}}]", f"data.template={template}",
                  f"data.max_seq_len={MAX_SEQ_LEN}", "data.eval_fraction=0.01", f"data.cache_dir={cache}",
-                 "train.batch_size=4", "train.max_steps=1", "eval.max_rows=4", "eval.sample_prompts=0"]
+                 "train.batch_size=1", "train.max_steps=1", "eval.max_rows=1", "eval.sample_prompts=0"]
     out = {}
     for phase in ("cold", "warm"):
         spec = json.dumps({"overrides": overrides, "profile": profile})

@@ -25,6 +25,7 @@ are spawned and receive a pickled copy. Forking is also avoided once CUDA is ini
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import multiprocessing
 import os
@@ -153,7 +154,11 @@ class Workers:
         methods = multiprocessing.get_all_start_methods()
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         ctx = multiprocessing.get_context("fork" if "fork" in methods and not cuda else "spawn")
-        self.pool = ctx.Pool(self.n, initializer=_set_tokenizer, initargs=(self.tokenizer,))
+        gc.freeze()  # a forked child's garbage collector would otherwise write to (so copy) every page it scans
+        try:
+            self.pool = ctx.Pool(self.n, initializer=_set_tokenizer, initargs=(self.tokenizer,))
+        finally:
+            gc.unfreeze()
 
     def map(self, fn: Callable, tasks: Iterable) -> Iterator:
         """fn(task) for each task, in order; at most two tasks per worker in flight. A single task
