@@ -24,7 +24,9 @@
 
 The JSON line: cold_conv_per_s (conversations / prepare_data seconds, cold), warm_seconds (config
 -> first step, warm), peak_rss_mb (the main process, cold or warm), ratio_vs_hf_datasets (our cold
-conv/s / the HF path's), each the worst over the two tokenizers, and the details per tokenizer.
+conv/s / the HF path's), each the worst over the two tokenizers, and the details per tokenizer,
+with the CPU seconds each side used (this process and its workers): on a machine shared with
+other jobs the wall-clock ratio moves with their load, the CPU ratio much less.
 Targets on the 2-core machine: cold >= 1.0x the HF path; warm <= 5 s; peak RSS <= 2 GB. The
 machine is shared: the load average is printed with the figures.
 """
@@ -107,6 +109,13 @@ def build_data(n: int, folder: Path) -> tuple[Path, Path, dict]:
 # ----------------------------------------------------------------------------- our path (a child process)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended: on a machine shared with
+    other jobs, the work done, whatever the share of the cores it got."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def our_child(spec: dict) -> dict:
     """Config -> first training step, timed; runs in a fresh process."""
     t0 = time.perf_counter()
@@ -118,9 +127,10 @@ def our_child(spec: dict) -> dict:
     prepare = TD.prepare_data
 
     def timed_prepare(*a, **k):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_seconds()
         out = prepare(*a, **k)
         timing["prepare_seconds"] = time.perf_counter() - t
+        timing["prepare_cpu_seconds"] = cpu_seconds() - cpu  # this process + its (joined) workers
         timing["peak_rss_mb_after_prepare"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         timing["report"] = {n: {k: r[k] for k in ("cache", "conversations", "samples", "tokens", "dropped")}
                             for n, r in out.report["sources"].items()}
@@ -163,7 +173,8 @@ def run_ours(data: Path, model: Path, template: str, scratch: Path, profile: boo
         if res.returncode != 0:
             raise SystemExit(f"our {phase} run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         out[phase] = json.loads(res.stdout.strip().splitlines()[-1])
-        print(res.stdout.rsplit("\n", 2)[0][-1500:] if phase == "cold" else "", end="")
+        if phase == "cold":  # what the run printed: the data report
+            print(res.stdout.rsplit("\n", 2)[0][-1500:].rstrip())
     return out
 
 
@@ -184,11 +195,12 @@ def hf_child(spec: dict) -> dict:
                                                      return_dict=False)}
 
     datasets.disable_progress_bars()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     ds = datasets.load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["cache"])
     ds = ds.map(encode, num_proc=spec["num_proc"], remove_columns=ds.column_names)
-    seconds = time.perf_counter() - t
-    return {"seconds": seconds, "conversations": len(ds), "tokens": int(sum(len(x) for x in ds["input_ids"]))}
+    seconds, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "conversations": len(ds),
+            "tokens": int(sum(len(x) for x in ds["input_ids"]))}
 
 
 def run_hf(python: str, data: Path, model: Path, template: str, scratch: Path, cores: int) -> dict | None:
@@ -240,6 +252,9 @@ def main() -> None:
              "prepare_peak_rss_mb": max(cold["peak_rss_mb_after_prepare"], warm["peak_rss_mb_after_prepare"]),
              "workers_peak_rss_mb": cold["workers_peak_rss_mb"], "rows": cold["rows"],
              "cache": [cold["report"], warm["report"]],
+             "cold_prepare_cpu_seconds": cold["prepare_cpu_seconds"],
+             "hf_cpu_seconds": hf["cpu_seconds"] if hf else None,
+             "cpu_ratio_vs_hf_datasets": hf["cpu_seconds"] / cold["prepare_cpu_seconds"] if hf else None,
              "hf_conv_per_s": n / hf["seconds"] if hf else None,
              "ratio_vs_hf_datasets": (n / cold["prepare_seconds"]) / (n / hf["seconds"]) if hf else None}
         results[name] = r
@@ -247,7 +262,9 @@ def main() -> None:
               f"prepare, {r['cold_seconds_to_first_step']:.1f}s to the first step); warm {r['warm_seconds']:.2f}s "
               f"to the first step ({r['warm_prepare_seconds']:.2f}s prepare); peak RSS {r['peak_rss_mb']:,.0f} MiB "
               f"(workers {r['workers_peak_rss_mb']:,.0f}); HF datasets.map "
-              + (f"{r['hf_conv_per_s']:,.0f} conv/s, ratio {r['ratio_vs_hf_datasets']:.2f}" if hf else "not run"))
+              + (f"{r['hf_conv_per_s']:,.0f} conv/s, ratio {r['ratio_vs_hf_datasets']:.2f}; CPU seconds ours "
+                 f"{r['cold_prepare_cpu_seconds']:.0f} vs {r['hf_cpu_seconds']:.0f} (HF uses "
+                 f"{r['cpu_ratio_vs_hf_datasets']:.2f}x ours)" if hf else "not run"))
         for phase in ("cold", "warm"):
             if "profile" in ours[phase]:
                 print(f"--- profile, {name} {phase}:\n{ours[phase]['profile']}")

@@ -3,7 +3,7 @@
 Tokenizing a million conversations takes minutes; reading back its arrays takes a moment. So
 the `Tokenized` arrays of each data file (data/pipeline.py) are written as numpy files
 
-    <cache_dir>/<source name>-<key>/input_ids.npy trained.npy offsets.npy conversation.npy meta.json
+    <cache_dir>/<source name>-<key>/{input_ids,trained,offsets,conversation,trainable}.npy meta.json
 
 and a later run, a resumed run and every rank of a torchrun job map them with
 `np.load(mmap_mode="r")`: nothing is copied until it is touched, and the pages are shared.
@@ -45,7 +45,8 @@ from model.errors import SFTError
 from model.files import atomic_file, atomic_write_json, read_json
 
 CODE_VERSION = 1
-ARRAYS = {"input_ids": np.int32, "trained": np.bool_, "offsets": np.int64, "conversation": np.int32}
+ARRAYS = {"input_ids": np.int32, "trained": np.bool_, "offsets": np.int64, "conversation": np.int32,
+          "trainable": np.int32}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 MIB = 1 << 20

@@ -70,13 +70,14 @@ def place(lengths: Sequence[int], capacity: int) -> Placement:
     members: list[int] = []              # samples per row so far
     spaces: list[int] = []               # sorted distinct free spaces of the rows (<= capacity + 1 values)
     holders: dict[int, list[int]] = {}   # free space -> heap of the rows that have exactly that space
+    bisect_left, insort, heappop, heappush = bisect.bisect_left, bisect.insort, heapq.heappop, heapq.heappush
     for i in order:
         n = sizes[i]
-        k = bisect.bisect_left(spaces, n)
+        k = bisect_left(spaces, n)
         if k < len(spaces):
             space = spaces[k]
             heap = holders[space]
-            r = heapq.heappop(heap)
+            r = heappop(heap)
             if not heap:
                 del spaces[k], holders[space]
         else:
@@ -84,13 +85,12 @@ def place(lengths: Sequence[int], capacity: int) -> Placement:
             members.append(0)
         row[i], col[i], seq[i] = r, capacity - space, members[r]
         members[r] += 1
-        left = space - n
-        heap = holders.get(left)
-        if heap is None:
-            bisect.insort(spaces, left)
-            holders[left] = [r]
+        space -= n
+        if space in holders:
+            heappush(holders[space], r)
         else:
-            heapq.heappush(heap, r)
+            insort(spaces, space)
+            holders[space] = [r]
     return Placement(np.array(row, np.int64), np.array(col, np.int64), np.array(seq, np.int64), len(members))
 
 
@@ -141,13 +141,14 @@ def packed_rows(parts: list[Samples], capacity: int, pad_id: int = 0, block: int
         n, first = lengths[sel], starts[sel].tolist()
         pieces = [(parts[part[i]], a, a + k) for i, a, k in zip(sel.tolist(), first, n.tolist())]
         ids = np.concatenate([p.tokens[a:b] for p, a, b in pieces])
-        trained = np.concatenate([p.trained[a:b] for p, a, b in pieces])
-        pos = np.arange(len(ids)) - np.repeat(np.cumsum(n) - n, n)     # (t,) position inside its sample
+        labels = np.where(np.concatenate([p.trained[a:b] for p, a, b in pieces]), ids, IGNORE_INDEX)
+        begin = np.cumsum(n) - n                                  # where each sample starts in `ids`
+        labels[begin] = IGNORE_INDEX                              # a sample's first token: never predicted
         r1 = r0 + len(filled[r0:r0 + block])
-        real = np.arange(capacity) < filled[r0:r1, None]               # (block, T) where the tokens go
+        real = np.arange(capacity) < filled[r0:r1, None]         # (block, T) where the tokens go
         rows["input_ids"][r0:r1][real] = ids
-        rows["labels"][r0:r1][real] = np.where(trained & (pos > 0), ids, IGNORE_INDEX)  # first: never predicted
-        rows["position_ids"][r0:r1][real] = pos
+        rows["labels"][r0:r1][real] = labels
+        rows["position_ids"][r0:r1][real] = np.arange(len(ids), dtype=np.int32) - np.repeat(begin.astype(np.int32), n)
         rows["seq_ids"][r0:r1][real] = np.repeat(where.seq[sel], n)
     return rows
 

@@ -20,11 +20,11 @@ are spawned and receive a pickled copy. Forking is also avoided once CUDA is ini
     trained       (n_tokens,) bool      whether the token trains (its label is itself, else -100)
     offsets       (n_samples + 1,) int64  sample i is input_ids[offsets[i]:offsets[i+1]]
     conversation  (n_samples,) int32    which conversation of the file each sample came from
+    trainable     (n_samples,) int32    tokens that train in each sample (its first not counted)
     stats         counts: conversations, samples, truncated, dropped by reason, tokens, trainable
 """
 from __future__ import annotations
 
-import functools
 import gc
 import itertools
 import multiprocessing
@@ -62,6 +62,7 @@ class Tokenized:
     trained: np.ndarray
     offsets: np.ndarray
     conversation: np.ndarray
+    trainable: np.ndarray   # (n_samples,) int32: tokens that train in each sample, its first not counted
     stats: dict = field(default_factory=dict)
 
     @property
@@ -72,14 +73,14 @@ class Tokenized:
     def n_samples(self) -> int:
         return len(self.conversation)
 
-    @functools.cached_property
-    def trainable_per_sample(self) -> np.ndarray:
-        """(n_samples,) tokens that train in each sample, its first token not counted (nothing
-        predicts it: in a packed row its label is -100, data/packing.py)."""
-        if not self.n_samples:
-            return np.zeros(0, np.int64)
-        starts = self.offsets[:-1]
-        return np.add.reduceat(self.trained, starts, dtype=np.int64) - self.trained[starts]
+
+def trainable_counts(trained: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(n_samples,) tokens that train in each sample, its first token not counted (nothing
+    predicts it: in a packed row its label is -100, data/packing.py)."""
+    if len(offsets) < 2:
+        return np.zeros(0, np.int32)
+    starts = offsets[:-1]
+    return (np.add.reduceat(trained, starts, dtype=np.int64) - trained[starts]).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- one chunk (in a worker)
@@ -209,7 +210,8 @@ def tokenize_file(file: DataFile, masking: Masking, workers: Workers, progress: 
         fmt, detected, items = opened
         tasks = ((chunk, file, fmt, detected, masking) for chunk in _batched(items, chunk_records))
         limit = file.max_records or None
-        bar = tqdm(desc=f"tokenizing {file.path.name}", unit=" conv", disable=not progress, leave=False)
+        bar = tqdm(desc=f"tokenizing {file.path.name}", unit=" conv", disable=not progress, leave=False,
+                   mininterval=2.0)
         try:
             done = 0
             for chunk in workers.map(tokenize_chunk, tasks):
@@ -243,10 +245,8 @@ def _join(parts: list[Chunk], limit: int | None) -> Tokenized:
         n_tok = int(lengths[:keep].sum())
         conv, lengths, counts, ids, trained = conv[:keep], lengths[:keep], counts[:limit], ids[:n_tok], trained[:n_tok]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    trainable = trainable_counts(trained, offsets)
     stats = {"conversations": len(counts), "samples": len(lengths), "truncated": int(counts[:, 1].sum()),
              "dropped": {r: int(counts[:, 2 + k].sum()) for k, r in enumerate(DROP_REASONS)},
-             "tokens": int(lengths.sum()),
-             "trainable_tokens": 0}
-    tok = Tokenized(ids, trained, offsets, conv.astype(np.int32), stats)
-    stats["trainable_tokens"] = int(tok.trainable_per_sample.sum())
-    return tok
+             "tokens": int(lengths.sum()), "trainable_tokens": int(trainable.sum())}
+    return Tokenized(ids, trained, offsets, conv.astype(np.int32), trainable, stats)

@@ -68,7 +68,7 @@ def pack_parts(parts: list[Part], max_len: int) -> Rows | None:
 
 def _usage(tok: Tokenized, idx: np.ndarray) -> dict:
     return {"samples": len(idx), "tokens": int(tok.lengths[idx].sum()),
-            "trainable_tokens": int(tok.trainable_per_sample[idx].sum())}
+            "trainable_tokens": int(tok.trainable[idx].sum())}
 
 
 def _tokenize_all(cfg: Config, chat: Chat, sources: list[Source]) -> dict[DataFile, tuple[Tokenized, str]]:
