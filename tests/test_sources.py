@@ -215,3 +215,20 @@ def test_mixed_formats_in_one_file_are_an_error_naming_source_and_line(tmp_path,
     mixed = write_jsonl(tmp_path / "mixed.jsonl", alpaca(3) + sharegpt(1) + alpaca(2))
     msg = error_of(lambda: prepare(tmp_path, tiny_dir, sources_value({"chat": three["chat"], "mixed": mixed})))
     assert "data.sources[1] 'mixed'" in msg and "mixed.jsonl:4" in msg and "sharegpt record" in msg
+
+
+def test_a_source_with_its_own_held_out_file_holds_out_that_file(tmp_path, tiny_dir, three):
+    held = write_jsonl(tmp_path / "colours_eval.jsonl", openai(4))
+    data = prepare(tmp_path, tiny_dir, sources_value(three, eval={"colours": str(held)}), "data.eval_fraction=0.1")
+    colours, chat = data.report["sources"]["colours"], data.report["sources"]["chat"]
+    assert colours["held_out"]["path"] == str(held) and colours["held_out"]["conversations"] == 4
+    assert colours["train"]["samples"] == 10  # the whole training file trains
+    assert chat["held_out"]["conversations"] == 3  # the others: data.eval_fraction of their file
+    assert len(data.held_out_conversations) == 3 + 2 + 4
+    assert data.held_out_conversations[-1][0]["content"] == "Name a colour (3)"
+
+
+def test_the_one_file_keeps_its_held_out_file(tmp_path, tiny_dir, three):
+    data = prepare(tmp_path, tiny_dir, f"data.train={three['math']}", f"data.eval={three['colours']}")
+    (r,) = data.report["sources"].values()
+    assert r["train"]["samples"] == 20 and r["held_out"]["conversations"] == 10 and data.n_held_out > 0

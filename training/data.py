@@ -104,61 +104,76 @@ def _check_kept(file: DataFile, tok: Tokenized, held_out: bool = False) -> None:
                        "data.max_seq_len)")
 
 
+@dataclass
+class Split:
+    """One source after holding out: which of its samples train, which are held out."""
+    train: Part
+    held_out: Part
+    held_out_file: tuple[DataFile, list[int] | None]  # for HeldOutConversations
+    held_out_conversations: int
+    report: dict
+
+
+def split_source(s: Source, tokenized: dict, seed: int) -> Split:
+    """A source's held-out samples: all of its eval file, or those of a seeded share of its conversations."""
+    tok, status = tokenized[s.train]
+    _check_kept(s.train, tok)
+    report = {"path": str(s.train.path), "cache": status, **tok.stats}
+    if s.eval is not None:
+        held_tok, held_status = tokenized[s.eval]
+        _check_kept(s.eval, held_tok, held_out=True)
+        report["held_out"] = {"path": str(s.eval.path), "cache": held_status, **held_tok.stats}
+        held_idx, n_held = np.arange(held_tok.n_samples), held_tok.stats["conversations"]
+        split = Split((tok, np.arange(tok.n_samples)), (held_tok, held_idx), (s.eval, None), n_held, report)
+    else:
+        n = tok.stats["conversations"]
+        numbers = held_out_conversations(n, s.eval_fraction, seed)
+        if len(numbers) == n:
+            key = "data.eval_fraction" if s.key == "data.train" else f"{s.key}.eval_fraction"
+            raise SFTError(f"{s.train.path}: all {n} conversation(s) are held out; add data or lower {key}")
+        held = np.isin(tok.conversation, numbers)
+        report["held_out"] = {"conversations": len(numbers)}
+        split = Split((tok, np.flatnonzero(~held)), (tok, np.flatnonzero(held)), (s.train, numbers), len(numbers),
+                      report)
+    report["held_out"].update(_usage(*split.held_out))
+    report["train"] = _usage(*split.train)
+    return split
+
+
+def mix_sources(sources: list[Source], splits: list[Split], temperature: float, seed: int) -> list[Part]:
+    """The training samples each source contributes (data/mixing.py), recorded in its report."""
+    weights = {s.name: s.weight for s in sources} if any(s.weight > 0 for s in sources) else None
+    sizes = {s.name: len(sp.train[1]) for s, sp in zip(sources, splits)}
+    taken, probs = mixture_take(sizes, weights, temperature or None, seed=seed)
+    chosen = []
+    for s, sp in zip(sources, splits):
+        tok, idx = sp.train[0], sp.train[1][np.asarray(taken[s.name], np.int64)]
+        sp.report["mixture"] = {"probability": probs[s.name], **_usage(tok, idx), "passes": len(idx) / max(sizes[s.name], 1)}
+        chosen.append((tok, idx))
+    total = sum(sp.report["mixture"]["tokens"] for sp in splits)
+    for sp in splits:
+        sp.report["mixture"]["token_share"] = sp.report["mixture"]["tokens"] / max(total, 1)
+    return chosen
+
+
 def prepare_data(cfg: Config, chat: Chat) -> TrainData:
     """Read (or map from the cache), hold out, mix and pack the run's data (see the module docstring)."""
     sources = resolve_sources(cfg.data, chat.template)
     tokenized = _tokenize_all(cfg, chat, sources)
-    report, train_parts, held_parts, sizes, held_files = {}, {}, [], [], []
-    for s in sources:
-        tok, status = tokenized[s.train]
-        _check_kept(s.train, tok)
-        n_conv = tok.stats["conversations"]
-        entry = {"path": str(s.train.path), "cache": status, **tok.stats}
-        if s.eval is not None:
-            held_tok, held_status = tokenized[s.eval]
-            _check_kept(s.eval, held_tok, held_out=True)
-            held_numbers, held_idx = None, np.arange(held_tok.n_samples)
-            train_idx = np.arange(tok.n_samples)
-            entry["held_out"] = {"path": str(s.eval.path), "cache": held_status, **held_tok.stats}
-            held_files.append((s.eval, None))
-            sizes.append(held_tok.stats["conversations"])
-        else:
-            held_tok, held_numbers = tok, held_out_conversations(n_conv, s.eval_fraction, cfg.run.seed)
-            if len(held_numbers) == n_conv:
-                key = "data.eval_fraction" if s.key == "data.train" else f"{s.key}.eval_fraction"
-                raise SFTError(f"{s.train.path}: all {n_conv} conversation(s) are held out; add data or lower {key}")
-            is_held = np.isin(tok.conversation, held_numbers)
-            held_idx, train_idx = np.flatnonzero(is_held), np.flatnonzero(~is_held)
-            entry["held_out"] = {"conversations": len(held_numbers)}
-            held_files.append((s.train, held_numbers))
-            sizes.append(len(held_numbers))
-        entry["held_out"].update(_usage(held_tok, held_idx))
-        entry["train"] = _usage(tok, train_idx)
-        report[s.name] = entry
-        train_parts[s.name] = (tok, train_idx)
-        held_parts.append((held_tok, held_idx))
-
-    names = list(train_parts)
-    weights = {n: s.weight for n, s in zip(names, sources)} if any(s.weight > 0 for s in sources) else None
-    taken, probs = mixture_take({n: len(train_parts[n][1]) for n in names}, weights,
-                                cfg.data.temperature or None, seed=cfg.run.seed)
-    chosen = [(train_parts[n][0], train_parts[n][1][np.asarray(taken[n], np.int64)]) for n in names]
-    for n, (tok, idx) in zip(names, chosen):
-        available = len(train_parts[n][1])
-        report[n]["mixture"] = {"probability": probs[n], **_usage(tok, idx), "passes": len(idx) / max(available, 1)}
-    mixture_tokens = sum(r["mixture"]["tokens"] for r in report.values())
-    for r in report.values():
-        r["mixture"]["token_share"] = r["mixture"]["tokens"] / max(mixture_tokens, 1)
-
+    splits = [split_source(s, tokenized, cfg.run.seed) for s in sources]
+    chosen = mix_sources(sources, splits, cfg.data.temperature, cfg.run.seed)
     max_len = cfg.data.max_seq_len
     train = pack_parts(chosen, max_len)
-    held = pack_parts([(t, i) for t, i in held_parts if len(i)], max_len)
+    held = pack_parts([sp.held_out for sp in splits if len(sp.held_out[1])], max_len)
     if held is not None and cfg.eval.max_rows:
         held = {k: v[:cfg.eval.max_rows] for k, v in held.items()}
+    report = {s.name: sp.report for s, sp in zip(sources, splits)}
     summary = _summary(report, train, held, max_len)
     if D.rank() == 0:
         _print_report(report, summary)
-    return TrainData(train, held, HeldOutConversations(held_files, sizes), {"sources": report, **summary})
+    conversations = HeldOutConversations([sp.held_out_file for sp in splits],
+                                         [sp.held_out_conversations for sp in splits])
+    return TrainData(train, held, conversations, {"sources": report, **summary})
 
 
 def _summary(report: dict, train: Rows, held: Rows | None, max_len: int) -> dict:
