@@ -291,13 +291,14 @@ class Tokenizer:
                 out.append((piece, idx))
         return out
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, eos: bool = False, at_start: bool = True) -> list[int]:
         """Token ids of `text`; added-token strings in it become their single ids. `bos`/`eos`
-        add the tokenizer's BOS/EOS (nothing when it has none, e.g. Qwen's BOS)."""
+        add the tokenizer's BOS/EOS (nothing when it has none, e.g. Qwen's BOS). at_start=False:
+        `text` continues a longer text (no SentencePiece dummy prefix before its first word)."""
         ids = [self.bos_id] if bos and self.bos_id is not None else []
         for i, (piece, idx) in enumerate(self.split_added(text)):
             if idx is None:
-                ids += self.backend.encode(piece, at_start=i == 0)
+                ids += self.backend.encode(piece, at_start=at_start and i == 0)
             else:
                 ids.append(idx)
         if eos and self.eos_id is not None:

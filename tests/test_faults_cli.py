@@ -39,7 +39,6 @@ from cli_forks import run_faults, tally, tree_digest  # noqa: E402
 
 DATA = ROOT / "data" / "quickstart" / "alpaca_300.jsonl"
 FAM = "config.json / weights validation: branch fam"
-TOOLS = "data.filter option ranges (data/filters.py): branch tools"
 
 
 @dataclasses.dataclass
@@ -413,7 +412,7 @@ FAULTS = [
     Fault("filter_input_missing", lambda c: filt(c, '[[filters]]\ntype = "exact_dedup"\n', c.tmp / "nope.jsonl"),
           ("nope.jsonl",)),
     Fault("filter_threshold_above_one", lambda c: filt(c, '[[filters]]\ntype = "near_dedup"\nthreshold = 1.5\n'),
-          ("filter.toml", "threshold"), xfail=TOOLS),
+          ("filter.toml", "threshold")),
     Fault("filter_without_type", lambda c: filt(c, '[[filters]]\nthreshold = 0.5\n'), ("filter.toml", "type")),
     Fault("filter_output_dir_a_file", lambda c: ["-m", "data.filter", "--config", str(put(
         c.tmp, "filter.toml", f'input = "{DATA}"\noutput_dir = "{put(c.tmp, "outfile", "x")}"\n'

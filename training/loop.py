@@ -44,6 +44,7 @@ from model import speedups
 from model.checkpoint import load_pretrained
 from model.cli import Interrupted
 from model.errors import SFTError
+from model.files import atomic_write_json
 from model.tokenizer import Tokenizer
 from training import checkpointing as ckpt
 from training import distributed as D
@@ -204,12 +205,12 @@ def setup(cfg: Config) -> Run:
         log(chat.note)
     if tok.chat_template is None and chat.jinja:
         tok.chat_template = chat.jinja  # saved models carry the template they learned
-    data = prepare_data(cfg, chat)
-    model = load_model(cfg, device)
+    model = load_model(cfg, device)  # first: a bad model fails before data work is spent (and cached)
     tok.check_fits(model.config.vocab_size, config_json)  # an id past the embedding: an IndexError mid-step
     if cfg.data.max_seq_len > model.config.max_position_embeddings:
         raise SFTError(f"config: data.max_seq_len={cfg.data.max_seq_len} is longer than the model's "
                        f"max_position_embeddings {model.config.max_position_embeddings} ({config_json}); lower it")
+    data = prepare_data(cfg, chat)
     if cfg.train.speedups:
         speedups.apply(model)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -234,6 +235,7 @@ def setup(cfg: Config) -> Run:
         scratch = tempfile.TemporaryDirectory() if rank else None  # ranks > 0 log into a throwaway folder
         if rank == 0:
             save_toml(cfg, run_dir / "config.toml")
+            atomic_write_json(run_dir / "data_report.json", data.report)
         metrics = MetricsLog(Path(scratch.name) if scratch else run_dir)
         run = Run(cfg, device, chat, data, model, optimizer, scheduler, metrics, run_dir, total_steps, folder,
                   micro_batch, settings, log=log, scratch=scratch)
