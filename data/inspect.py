@@ -14,7 +14,9 @@ thing. This tool runs the exact path training uses (load_conversations -> templa
   tokens that are trained on (for instruction data typically 30-80%; ~0% or 100% means the
   template or the strategy is wrong),
 - an HTML page where every token is a box coloured by whether its label is trained (green) or
-  -100 (grey); hover shows the token id and position.
+  -100 (grey); hover shows the token id and position,
+- a warning when special tokens the data uses have embedding rows that look untrained (a base
+  checkpoint's chat markers, model/untrained.py), as training start prints it.
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ from data.chat import chat_for
 from data.config import DataConfig, validate_data
 from data.formats import load_conversations
 from data.masking import IGNORE_INDEX, tokenize_conversation_samples, tokenize_dataset
+from model.checkpoint import folder_untrained_rows
 from model.cli import run_cli
 from model.errors import SFTError
 from model.files import atomic_write
 from model.options import load_options, opt
+from model.untrained import special_ids, untrained_message
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
@@ -76,6 +80,19 @@ def html_page(tokenizer, samples: list[tuple[int, dict]], title: str, summary: s
             ".s span{border:1px solid #ccc;margin:0 1px;padding:1px 0}.t{background:#b6f2b6}.m{background:#eee;color:#777}"
             "</style><h1>" + html.escape(title) + "</h1><p>" + html.escape(summary) +
             "</p><p><span class=t>trained</span> <span class=m>masked (-100)</span></p>" + "".join(blocks))
+
+
+def warn_untrained_rows(folder: str, tok, samples: list[dict]) -> None:
+    """The training-start warning about untrained special-token rows, read from the folder's
+    embedding alone (memory-mapped: no model is built)."""
+    used = special_ids(tok, {i for s in samples for i in s["input_ids"]})
+    try:
+        rows = folder_untrained_rows(folder, used)
+    except SFTError as e:  # e.g. a folder with a tokenizer but no weights
+        print(f"note: embedding rows not checked ({e})")
+        return
+    if rows:
+        print(untrained_message(tok, rows, fixed=False))
 
 
 @dataclass
@@ -124,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     convs = load_conversations(cfg.data.train, format=cfg.data.format)
     if not convs:
         raise SFTError(f"{cfg.data.train}: no conversations")
-    _, report = tokenize_dataset(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, source=cfg.data.train,
+    samples, report = tokenize_dataset(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, source=cfg.data.train,
                                  train_on_reasoning=cfg.data.train_on_reasoning)
     shown = []
     for i in range(args.index, min(args.index + args.n, len(convs))):
@@ -136,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         for s in samples:  # several where the template rewrites earlier turns (Qwen3)
             print(marked_text(tok, s, color=sys.stdout.isatty()))
             shown.append((i, s))
+    warn_untrained_rows(cfg.model.path, tok, samples)
     summary = f"{cfg.data.train} with template {template}: {report.summary()}"
     print("---\n" + summary)
     path = Path(args.html or Path("runs") / "inspect" / f"{Path(cfg.data.train).stem}.html")

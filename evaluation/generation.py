@@ -40,9 +40,11 @@ def load_eval_model(folder: str | Path, adapter: str | Path | None = None, templ
     """Model (+ LoRA adapter) in eval mode, and the Chat to prompt it with."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        hint = (" (it is a LoRA adapter: pass --model BASE --adapter " + str(folder) + ")"
-                if (folder / "adapter_config.json").is_file() else
-                "; pass a Hugging Face-format checkpoint such as checkpoints/pico-base")
+        hint = "; pass a Hugging Face-format checkpoint such as checkpoints/pico-base"
+        if (folder / "adapter_config.json").is_file():
+            from lora import read_adapter_config  # the adapter records the base it was made on
+            base = read_adapter_config(folder).base_model_name_or_path or "BASE"
+            hint = f" (it is a LoRA adapter: pass --model {base} --adapter {folder})"
         raise SFTError(f"{folder}: not a model folder (no config.json){hint}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SFTError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")

@@ -51,7 +51,7 @@ def test_rslora_scales_by_alpha_over_sqrt_r():
 
 def test_all_linear_targets_every_projection_but_the_head():
     model = lora.apply_lora(tiny_model(), targets="all-linear")
-    assert set(model.lora_config["target_modules"]) == {
+    assert set(lora.adapter_config(model).target_modules) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert type(model.lm_head) is nn.Linear and len(lora.lora_layers(model)) == 14
 
@@ -128,7 +128,7 @@ def test_an_optimizer_step_changes_only_lora_parameters(quantized):
 def test_train_embeddings_and_head_are_optional_extras():
     model = lora.apply_lora(tiny_model(), train_embeddings=True)
     assert model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
-    assert model.lora_config["modules_to_save"] == ["embed_tokens"]
+    assert lora.adapter_config(model).modules_to_save == ["embed_tokens"]
 
 
 def test_save_then_load_adapter_round_trips_in_peft_layout(tmp_path):

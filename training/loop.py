@@ -36,10 +36,12 @@ from torch import nn
 from tqdm import tqdm
 
 from data.chat import Chat, chat_for
+from data.packing import PAD_SEQ_ID
 from model import speedups
-from model.checkpoint import load_pretrained
+from model.checkpoint import check_vocab, load_pretrained, read_config
 from model.errors import SFTError
 from model.tokenizer import Tokenizer
+from model.untrained import init_rows_to_mean, model_untrained_rows, special_ids, untrained_message
 from training import checkpointing as ckpt
 from training import distributed as D
 from training.config import Config, save_toml
@@ -88,6 +90,17 @@ def export_merged(model, cfg: Config, adapter_dir: Path, out: Path, tok, gen_cfg
         model = load_adapter(load_model(cfg, torch.device("cpu")), adapter_dir)
     save_merged(model, out, tok, generation_config=gen_cfg)
     return out
+
+
+def check_untrained_tokens(model: nn.Module, data: TrainData, tok: Tokenizer, fix: bool, log) -> None:
+    """Special tokens the training rows use whose embedding rows look untrained (model/untrained.py):
+    a warning, or with model.init_untrained_tokens the rows set to the mean of the trained ones."""
+    real = data.train["input_ids"][data.train["seq_ids"] != PAD_SEQ_ID]
+    rows = model_untrained_rows(model, special_ids(tok, torch.unique(real).tolist()))
+    if rows:
+        if fix:
+            init_rows_to_mean(model, rows)
+        log(untrained_message(tok, rows, fixed=fix))
 
 
 @contextlib.contextmanager
@@ -158,13 +171,16 @@ def setup(cfg: Config) -> Run:
     log = print if rank == 0 else (lambda *a, **k: None)
 
     tok = Tokenizer.from_pretrained(cfg.model.path)
-    chat = chat_for(cfg.model.path, tok, cfg.data.template)
+    model_cfg = read_config(cfg.model.path)
+    check_vocab(model_cfg, tok, str(Path(cfg.model.path) / "config.json"))
+    chat = chat_for(cfg.model.path, tok, cfg.data.template, model_cfg.eos_ids)
     if chat.note:
         log(chat.note)
     if tok.chat_template is None and chat.jinja:
         tok.chat_template = chat.jinja  # saved models carry the template they learned
     data = prepare_data(cfg, chat)
     model = load_model(cfg, device)
+    check_untrained_tokens(model, data, tok, cfg.model.init_untrained_tokens, log)
     if cfg.train.speedups:
         speedups.apply(model)
     # only now, with every input read and checked, touch the run folder (rank 0 owns it)
