@@ -23,9 +23,10 @@ window; a yarn-scaled Qwen differs past its original context). So keys are check
 allow-list per family: a key the family's math reads (above), a key that changes nothing we
 compute (`NEUTRAL_KEYS`: initializer_range, use_cache, dtype, ...), or a switch accepted only in
 its off position (`OFF_KEYS`: attention_bias false, mlp_bias false, pretraining_tp 1,
-use_sliding_window false, ...). Anything else -- an unknown `model_type`, MoE keys, soft-capping,
-yarn/dynamic/longrope RoPE, `use_sliding_window: true`, custom code (`auto_map`), a pre-quantized
-checkpoint (`quantization_config`) -- is an SFTError naming the file and the key.
+use_sliding_window false, ...; a known feature key written as null is off too). Anything
+else -- an unknown `model_type`, MoE keys, soft-capping, yarn/dynamic/longrope RoPE,
+`use_sliding_window: true`, custom code (`auto_map`), a pre-quantized checkpoint
+(`quantization_config`) -- is an SFTError naming the file and the key.
 
 Types are checked too (model/options.py `check_value`, the one checker every tool uses): sizes are
 positive ints, eps and theta finite positive floats, booleans real JSON booleans (the string
@@ -74,11 +75,11 @@ NEUTRAL_KEYS = frozenset({   # never change what the model computes
     "top_p", "num_beams", "repetition_penalty", "length_penalty"})
 # switches accepted only in their off position: {family or "*": {key: the value meaning off}}
 OFF_KEYS: dict[str, dict[str, Any]] = {
-    "*": {"attention_dropout": 0.0},
-    "llama": {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
+    "*": {"attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1},
+    "llama": {"attention_bias": False},
     "qwen2": {"attention_bias": True, "use_sliding_window": False},  # qwen2 always has q/k/v biases
     "qwen3": {"attention_bias": False, "use_sliding_window": False},
-    "mistral": {},
+    "mistral": {"attention_bias": False},
 }
 IGNORED_WHEN_OFF = {"qwen2": {"sliding_window", "max_window_layers", "layer_types"},
                     "qwen3": {"sliding_window", "max_window_layers", "layer_types"}}
@@ -209,6 +210,8 @@ def _refuse_unimplemented(hf: dict, model_type: str, source: str) -> None:
             raise _not_implemented(source, key, value, model_type)
     for key, value in hf.items():
         if key in SHAPE_KEYS or key in fam.keys or key in NEUTRAL_KEYS or key in off:
+            continue
+        if value is None and key in WHY:  # a feature key written as null: the feature is off
             continue
         if key not in IGNORED_WHEN_OFF.get(model_type, ()):
             raise _not_implemented(source, key, value, model_type)
