@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.checkpoint import save_pretrained
@@ -67,6 +68,28 @@ from model.safetensors import LazyTensor, load_file, save_file
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """x.to(w.dtype) @ w.T (the first LoRA product of a bf16 or 4-bit model), keeping x for the
+    weight gradient in its own dtype. Left to autograd, the fp32 copy of x is what is kept: twice
+    the bytes of x, and once per projection although q, k and v (and gate and up) read one x,
+    which then also escapes the block's recomputation (model/recompute.py): 1.2 GiB of an
+    8B-shaped QLoRA step at 256 tokens. Backward makes the copy again; the values are the same."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+        ctx.x_dtype = x.dtype
+        return F.linear(x.to(w.dtype), w)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx = (g @ w).to(ctx.x_dtype) if w is not None else None              # (..., in)
+        dw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)
+              if x is not None else None)                                    # (r, in)
+        return dx, dw
 
 
 class LoRALinear(nn.Module):
@@ -95,8 +118,13 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         # the adapter runs in its own dtype (fp32 by default, as PEFT), the sum in the base's
-        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return (result + self.lora_B(self.lora_A(h)) * self.scaling).to(result.dtype)
+        w = self.lora_A.weight
+        if x.dtype != w.dtype and isinstance(self.lora_dropout, nn.Identity) \
+                and not torch.is_autocast_enabled(x.device.type):
+            a = _UpcastLinear.apply(x, w)  # keeps the bf16 x for backward, not its fp32 copy
+        else:
+            a = self.lora_A(self.lora_dropout(x.to(w.dtype)))
+        return (result + self.lora_B(a) * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, (out, in) in fp32."""
@@ -307,8 +335,9 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = getattr(model, "config", None)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    trained = [m for m in FULL_MODULES if hasattr(model, m) and getattr(model, m).weight.requires_grad
-               and not (m == "lm_head" and tied)]  # a tied head is the embedding: saved once
+    trained = [m for m in FULL_MODULES  # a LoRA-wrapped head has no .weight; a tied one is the embedding
+               if getattr(getattr(model, m, None), "weight", None) is not None
+               and getattr(model, m).weight.requires_grad and not (m == "lm_head" and tied)]
     return AdapterConfig(first.r, first.alpha, dropout, first.use_rslora,
                          sorted({n.split(".")[-1] for n in layers}), trained or None,
                          getattr(config, "name_or_path", None))

@@ -198,8 +198,10 @@ def spawn(spec: dict) -> dict:
     # freed), freed activations linger in the heap, and the peak RSS of the same run varied by
     # up to 1 GB from one launch to the next.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                          text=True, cwd=ROOT, env=env)
+    # `-m bench.memory` from the repo root: the child's sys.path starts at the root, not at bench/,
+    # whose tokenize.py would shadow the standard library's (which `import torch` needs)
+    proc = subprocess.run([sys.executable, "-m", "bench.memory", "--one", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

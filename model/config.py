@@ -71,12 +71,12 @@ SHAPE_KEYS = frozenset({
 NEUTRAL_KEYS = frozenset({   # never change what the model computes
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
     "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
-    "tokenizer_class", "max_sequence_length", "max_length", "do_sample", "temperature", "top_k",
+    "tokenizer_class", "is_llama_config", "max_sequence_length", "max_length", "do_sample", "temperature", "top_k",
     "top_p", "num_beams", "repetition_penalty", "length_penalty"})
 # switches accepted only in their off position: {family or "*": {key: the value meaning off}}
 OFF_KEYS: dict[str, dict[str, Any]] = {
     "*": {"attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1},
-    "llama": {"attention_bias": False},
+    "llama": {"attention_bias": False, "rope_interleaved": False},  # SmolLM2 writes the latter
     "qwen2": {"attention_bias": True, "use_sliding_window": False},  # qwen2 always has q/k/v biases
     "qwen3": {"attention_bias": False, "use_sliding_window": False},
     "mistral": {"attention_bias": False},
@@ -90,7 +90,7 @@ WHY = {"num_experts": "mixture of experts", "num_local_experts": "mixture of exp
        "partial_rotary_factor": "RoPE on part of each head", "sliding_window": "sliding-window attention",
        "mlp_bias": "MLP biases", "attention_bias": "attention biases (q/k/v/o)",
        "pretraining_tp": "split matmuls", "use_sliding_window": "sliding-window attention",
-       "attention_dropout": "attention dropout"}
+       "attention_dropout": "attention dropout", "rope_interleaved": "RoPE on adjacent pairs"}
 ROPE_TYPES = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 DEFAULT_HEAD_DIM = {"qwen3": 128}           # transformers' defaults where a family has its own

@@ -163,6 +163,33 @@ def test_lora_and_qlora_train_three_steps_then_save_and_reload_exactly(folder, f
         assert torch.equal(model.eval()(x), reloaded(x))
 
 
+@pytest.mark.parametrize("edit, key", [
+    ({"lora_bias": True}, "lora_bias"), ({"use_dora": "false"}, "use_dora"), ({"use_rslora": "no"}, "use_rslora"),
+    ({"lora_alpha": "16"}, "lora_alpha"), ({"lora_dropout": 1.5}, "lora_dropout"), ({"r": 0}, "'r'"),
+    ({"modules_to_save": ["score"]}, "modules_to_save"), ({"layer_replication": [[0, 2]]}, "layer_replication"),
+    ({"target_modules": []}, "target_modules"), ({"bias": "all"}, "bias"),
+])
+def test_adapter_config_keys_are_typed_and_unimplemented_features_refused(adapter_dir, tmp_path, edit, key):
+    folder = tmp_path / "a"
+    shutil.copytree(adapter_dir, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(SFTError) as err:
+        lora.read_adapter_config(folder)
+    msg = str(err.value)
+    assert "\n" not in msg and str(folder / "adapter_config.json") in msg and key in msg, msg
+
+
+def test_peft_keys_left_off_are_accepted(adapter_dir, tmp_path):
+    folder = tmp_path / "a"
+    shutil.copytree(adapter_dir, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    peft_extras = {"peft_version": "0.21.2", "exclude_modules": None, "loftq_config": {}, "use_qalora": False,
+                   "qalora_group_size": 16, "lora_bias": False, "target_parameters": None, "megatron_core": "megatron.core"}
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **peft_extras}))
+    assert lora.read_adapter_config(folder).r == 4
+
+
 def _random_biases(model, seed: int = 3) -> None:
     """The tiny checkpoints' biases are transformers' zeros: make them count."""
     g = torch.Generator().manual_seed(seed)

@@ -222,3 +222,31 @@ def test_load_adapter_reports_missing_tensors(tmp_path):
     save_file(tensors, path)
     with pytest.raises(SFTError, match="missing 2 adapter tensors"):
         lora.load_adapter(tiny_model(), tmp_path / "a")
+
+
+def test_bf16_lora_keeps_its_input_not_an_fp32_copy_with_the_same_gradients():
+    """The fp32 adapter of a bf16 (or 4-bit) model keeps the bf16 input for backward, once for
+    q/k/v together, instead of one fp32 copy per projection; the gradients are the same bits."""
+    def run(old_path: bool):
+        torch.manual_seed(0)
+        model = lora.apply_lora(quantize_model_linears(tiny_model().to(torch.bfloat16), torch.bfloat16),
+                                r=4, targets="all-linear")
+        randomize_lora_b(model)
+        if old_path:  # a Dropout(0) takes the plain module path: autograd keeps x.to(fp32)
+            for layer in lora.lora_layers(model).values():
+                layer.lora_dropout = nn.Dropout(0.0)
+        saved = {}  # bytes kept for backward, per storage
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = masked_ce_sum(model, model(ids(), return_hidden=True), ids())
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return sum(saved.values()), grads
+    new_bytes, new = run(False)
+    old_bytes, old = run(True)
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    print(f"\nbytes kept for backward: {new_bytes} (bf16 input) vs {old_bytes} (fp32 copies)")
+    assert new_bytes < 0.8 * old_bytes, (new_bytes, old_bytes)
