@@ -18,6 +18,8 @@ thing. This tool runs the exact path training uses (load_conversations -> templa
 - an HTML page (runs/inspect/<data file>.html by default) where every token is a box coloured
   by its part (answer green, tool call blue, reasoning violet, tool result orange, context
   grey), faded where its label is -100; hover shows the token id, position and part.
+- a warning when special tokens the data uses have embedding rows that look untrained (a base
+  checkpoint's chat markers, model/untrained.py), as training start prints it.
 """
 from __future__ import annotations
 
@@ -32,10 +34,12 @@ from data.config import DataConfig, validate_data
 from data.conversation import Part
 from data.formats import load_conversations
 from data.masking import IGNORE_INDEX, sample_segments, tokenize_dataset, tokenize_segments, truncate
+from model.checkpoint import folder_untrained_rows
 from model.cli import ArgParser, number, run_cli
 from model.errors import SFTError
 from model.files import atomic_write
 from model.options import load_options, opt
+from model.untrained import special_ids, untrained_message
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
@@ -133,6 +137,19 @@ def part_shares(tokenizer, template: str, convs: list, strategy: str, train_on_r
     return "per part: " + "; ".join(rows)
 
 
+def warn_untrained_rows(folder: str, tok, samples: list[dict]) -> None:
+    """The training-start warning about untrained special-token rows, read from the folder's
+    embedding alone (memory-mapped: no model is built)."""
+    used = special_ids(tok, {i for s in samples for i in s["input_ids"]})
+    try:
+        rows = folder_untrained_rows(folder, used)
+    except SFTError as e:  # e.g. a folder with a tokenizer but no weights
+        print(f"note: embedding rows not checked ({e})")
+        return
+    if rows:
+        print(untrained_message(tok, rows, fixed=False))
+
+
 @dataclass
 class ModelPath:
     path: str = opt("checkpoints/pico-base", "model folder whose tokenizer (and chat template) to use")
@@ -182,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     if args.index >= len(convs):
         raise SFTError(f"--index {args.index}: {cfg.data.train} holds {len(convs)} conversations "
                        f"(0 to {len(convs) - 1})")
-    _, report = tokenize_dataset(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, source=cfg.data.train,
+    samples, report = tokenize_dataset(tok, template, convs, cfg.data.max_seq_len, cfg.data.loss_on, source=cfg.data.train,
                                  train_on_reasoning=cfg.data.train_on_reasoning)
     shown = []
     for i in range(args.index, min(args.index + args.n, len(convs))):
@@ -201,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
                 kept += 1
         if not kept:
             print("(dropped: no trainable token within max_seq_len)")
+    warn_untrained_rows(cfg.model.path, tok, samples)
     shares = part_shares(tok, template, convs, cfg.data.loss_on, cfg.data.train_on_reasoning)
     summary = f"{cfg.data.train} with template {template}: {report.summary()}; {shares}"
     print("---\n" + summary)

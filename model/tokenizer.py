@@ -242,13 +242,6 @@ class Tokenizer:
         raise SFTError(f"{model_path}: missing, and no tokenizer.json either (a folder needs a SentencePiece "
                        "tokenizer.model or a byte-level BPE tokenizer.json)")
 
-    def check_fits(self, vocab_size: int, config_path: str | os.PathLike) -> None:
-        """Every id this tokenizer can produce must have a row in the model's embedding."""
-        if self.vocab_size > vocab_size:
-            raise SFTError(f"{config_path}: vocab_size {vocab_size} is smaller than the tokenizer's "
-                           f"{self.vocab_size} tokens ({self.backend.file_name}): ids >= {vocab_size} have no "
-                           "embedding row; use the model's own tokenizer, or a model with a larger vocab_size")
-
     def _piece_id(self, piece: str, where: str) -> int:
         idx = self.token_to_id(piece)
         if idx is None:

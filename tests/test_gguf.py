@@ -238,7 +238,8 @@ def test_unknown_architecture_is_a_one_line_error(pico_q8, tmp_path):
 
 def test_sliding_window_caps_the_context_length(pico_q8, tmp_path):
     folder, _ = pico_q8
-    swa = _folder_copy(folder, tmp_path / "swa", {"architectures": ["MistralForCausalLM"], "sliding_window": 128})
+    swa = _folder_copy(folder, tmp_path / "swa", {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                                                  "sliding_window": 128})
     m = read_gguf(export_gguf(swa, tmp_path / "s.gguf", "f16").path).metadata
     assert (m["llama.context_length"], m["llama.attention.sliding_window"]) == (128, 128)
 

@@ -51,6 +51,9 @@ class ModelConfig:
                        "bfloat16 (one process: pure bf16, no fp32 copy). Under torchrun both bf16 "
                        "options keep fp32 shards and compute in bf16")
     finetune: Finetune = opt("full", "which weights train")
+    init_untrained_tokens: bool = opt(False, "set the embedding rows of special tokens the data uses "
+                                      "that look untrained (base checkpoints) to the mean of the "
+                                      "trained rows (full fine-tuning only; model/untrained.py)")
 
 
 @dataclass
@@ -133,6 +136,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise SFTError("config: set train.max_steps or train.epochs > 0")
     validate_data(cfg.data)
+    if cfg.model.init_untrained_tokens and cfg.model.finetune != "full":
+        raise SFTError(f"config: model.init_untrained_tokens=true changes base-model embedding rows, "
+                       f"which a {cfg.model.finetune} adapter does not save; use model.finetune=full")
     if not cfg.run.name.strip() or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise SFTError(f"config: 'run.name' must be a folder name (no '/'), got {cfg.run.name!r}")
 

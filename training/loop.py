@@ -40,12 +40,14 @@ from torch import nn
 from tqdm import tqdm
 
 from data.chat import Chat, chat_for
+from data.packing import PAD_SEQ_ID
 from model import speedups
-from model.checkpoint import load_pretrained
+from model.checkpoint import check_vocab, load_pretrained, read_config
 from model.cli import Interrupted
 from model.errors import SFTError
 from model.files import atomic_write_json
 from model.tokenizer import Tokenizer
+from model.untrained import init_rows_to_mean, model_untrained_rows, special_ids, untrained_message
 from training import checkpointing as ckpt
 from training import distributed as D
 from training.config import Config, save_toml
@@ -95,6 +97,17 @@ def export_merged(model, cfg: Config, adapter_dir: Path, out: Path, tok, gen_cfg
         model = load_adapter(load_model(cfg, torch.device("cpu")), adapter_dir)
     save_merged(model, out, tok, generation_config=gen_cfg)
     return out
+
+
+def check_untrained_tokens(model: nn.Module, data: TrainData, tok: Tokenizer, fix: bool, log) -> None:
+    """Special tokens the training rows use whose embedding rows look untrained (model/untrained.py):
+    a warning, or with model.init_untrained_tokens the rows set to the mean of the trained ones."""
+    real = data.train["input_ids"][data.train["seq_ids"] != PAD_SEQ_ID]
+    rows = model_untrained_rows(model, special_ids(tok, torch.unique(real).tolist()))
+    if rows:
+        if fix:
+            init_rows_to_mean(model, rows)
+        log(untrained_message(tok, rows, fixed=fix))
 
 
 @contextlib.contextmanager
@@ -200,17 +213,19 @@ def setup(cfg: Config) -> Run:
         raise SFTError(f"model.path={cfg.model.path}: not a model folder (no config.json); give a Hugging Face-format "
                        "checkpoint such as checkpoints/pico-base")
     tok = Tokenizer.from_pretrained(cfg.model.path)
-    chat = chat_for(cfg.model.path, tok, cfg.data.template)
+    model_cfg = read_config(cfg.model.path)
+    check_vocab(model_cfg, tok, str(Path(cfg.model.path) / "config.json"))
+    chat = chat_for(cfg.model.path, tok, cfg.data.template, model_cfg.eos_ids)
     if chat.note:
         log(chat.note)
     if tok.chat_template is None and chat.jinja:
         tok.chat_template = chat.jinja  # saved models carry the template they learned
     model = load_model(cfg, device)  # first: a bad model fails before data work is spent (and cached)
-    tok.check_fits(model.config.vocab_size, config_json)  # an id past the embedding: an IndexError mid-step
     if cfg.data.max_seq_len > model.config.max_position_embeddings:
         raise SFTError(f"config: data.max_seq_len={cfg.data.max_seq_len} is longer than the model's "
                        f"max_position_embeddings {model.config.max_position_embeddings} ({config_json}); lower it")
     data = prepare_data(cfg, chat)
+    check_untrained_tokens(model, data, tok, cfg.model.init_untrained_tokens, log)
     if cfg.train.speedups:
         speedups.apply(model)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
