@@ -35,10 +35,11 @@ BOS/EOS strings are part of the text, exactly where the Jinja template writes `b
 the tokenizer does not know.
 
 System messages: every family here accepts one (Llama-2 and Mistral fold it into the first user
-turn, Vicuna and Alpaca put it first, the others give it its own header). The older
-Mistral-7B-Instruct-v0.1 template rejects it ("Only user and assistant roles are supported!");
-its text also differs from ours (`[INST]` without the leading space), so it is not mapped to
-"mistral" (tests/parity/ shows both).
+turn, Vicuna and Alpaca put it first, the others give it its own header) except mistral-legacy,
+the Mistral-7B-Instruct-v0.2 template as released, whose Jinja raises on one: we refuse it by name.
+The older Mistral-7B-Instruct-v0.1 template also rejects it ("Only user and assistant roles are
+supported!"); its text differs from ours (`[INST]` without the leading space, a space after EOS),
+so it is not mapped to any name (tests/parity/ shows it).
 
 Conversations are validated the same way for every family (data.conversation.validate_conversation:
 an optional leading system message, then user/assistant alternating from the user, tool results
@@ -65,6 +66,7 @@ FAMILY_TOKENS = {
     "llama2": ("<s>", "</s>"),
     "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
     "mistral": ("<s>", "</s>"),
+    "mistral-legacy": ("<s>", "</s>"),
     "zephyr": ("<s>", "</s>"),
     "vicuna": ("<s>", "</s>"),
     "llama3.1": ("<|begin_of_text|>", "<|eot_id|>"),
@@ -148,6 +150,22 @@ def _mistral(messages, gen, o: RenderOptions) -> Segments:
     return segs
 
 
+def _mistral_legacy(messages, gen, o: RenderOptions) -> Segments:
+    """Mistral-7B-Instruct-v0.2 as released: BOS once, `[INST] q [/INST]a</s>`, no space before
+    the answer, no strip, no system message (its Jinja raises on one), no generation prompt."""
+    system, turns = split_system(messages)
+    if system is not None:
+        raise SFTError(f"{o.where}: template 'mistral-legacy' has no system message (its Jinja raises on "
+                       "one); use 'mistral' or drop the system message")
+    segs = [(o.bos, C)]
+    for m in turns:
+        if m["role"] == "user":
+            segs.append(("[INST] " + m["content"] + " [/INST]", C))
+        else:
+            segs.append((m["content"] + o.eos, A))
+    return segs
+
+
 def _zephyr(messages, gen, o: RenderOptions) -> Segments:
     """zephyr-7b-beta / TinyLlama-Chat: `<|role|>\\ncontent</s>\\n`, no strip, no BOS in the text."""
     segs = []
@@ -176,7 +194,8 @@ def _vicuna(messages, gen, o: RenderOptions) -> Segments:
 
 
 TEMPLATES = {"alpaca": _alpaca, "chatml": _chatml, "llama2": _llama2, "llama3": _llama3,
-             "mistral": _mistral, "zephyr": _zephyr, "vicuna": _vicuna, **TOOL_FAMILIES}
+             "mistral": _mistral, "mistral-legacy": _mistral_legacy, "zephyr": _zephyr, "vicuna": _vicuna,
+             **TOOL_FAMILIES}
 # Llama-2 and Mistral templates have no generation prompt: their prompt already ends with [/INST].
 STOP_STRINGS = {"chatml": ["<|im_end|>"], "llama3": ["<|eot_id|>"], **TOOL_FAMILY_STOPS}
 

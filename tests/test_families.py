@@ -327,8 +327,7 @@ def test_replies_stop_on_every_end_of_turn_id(folder, family, stops):
 
 
 RECIPES = [("llama3.2-1b-lora", "llama3", []), ("qwen2.5-qlora", "qwen2", []), ("qwen3-full", "qwen3", []),
-           # Mistral-Instruct-v0.2's Jinja is not one we reproduce byte for byte: name the template
-           ("llama3.2-1b-lora", "mistral", ["data.template=mistral"])]
+           ("llama3.2-1b-lora", "mistral", [])]  # every recipe: data.template = "auto"
 
 
 @pytest.mark.parametrize("recipe, family, extra", RECIPES)
@@ -358,8 +357,16 @@ def test_recipe_trains_a_few_steps_on_the_tiny_folder(folder, recipe, family, ex
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eval_runs_loss_and_samples_on_each_family(folder, family, tmp_path):
     import eval as eval_cli
-    template = ["--template", "mistral"] if family == "mistral" else []
     assert eval_cli.main(["--model", str(folder(family)), "--tasks", "loss,samples", "--data", str(QUICKSTART),
                           "--limit", "2", "--samples", "1", "--max-new-tokens", "4", "--max-len", "64",
-                          "--out", str(tmp_path), *template]) == 0
+                          "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["tasks"]["loss"]["metrics"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_runs_on_each_family_with_its_own_template(folder, family, tmp_path, capsys):
+    from data.inspect import main
+    assert main(["--model", str(folder(family)), "--data", str(QUICKSTART), "--max-len", "64", "-n", "1",
+                 "--html", str(tmp_path / "page.html")]) == 0
+    out = capsys.readouterr().out
+    assert "no chat template" not in out and "per part:" in out and (tmp_path / "page.html").exists()
