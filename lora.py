@@ -475,6 +475,9 @@ def save_merged(model: nn.Module, folder: str | os.PathLike, tokenizer=None,
 
     This is the one way to save a LoRA/QLoRA model as a full model: save_pretrained alone
     refuses a model that still holds LoRA or 4-bit layers. Arguments as save_pretrained's.
+    For llama.cpp / Ollama, `model.gguf.export_gguf(folder, ...)` then writes the merged folder
+    as one GGUF file (the training run does it with export.gguf).
     """
     save_pretrained(model, folder, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
                     generation_config=generation_config, state_dict=merged_state_dict(model))
+

@@ -400,6 +400,13 @@ def finish(run: Run) -> dict:
     summary["final"] = str(final)
     if cfg.lora.save_merged and cfg.model.finetune != "full" and rank == 0:
         summary["merged"] = str(export_merged(run.model, cfg, final, run.run_dir / "merged", tok, gen_cfg))
+    if cfg.export.gguf and rank == 0:  # one file for llama.cpp / Ollama, with the trained chat template
+        from model.gguf import export_gguf
+        source = Path(summary.get("merged", final))
+        report = export_gguf(source, run.run_dir / f"{cfg.run.name}-{cfg.export.gguf}.gguf", cfg.export.gguf,
+                             overwrite=True, template_jinja=tok.chat_template)
+        summary["gguf"] = str(report.path)
+        run.log(report.summary())
     if rank == 0:
         write_loss_svg(run.metrics.records, run.run_dir / "loss.svg")
     convs = run.data.held_out_conversations[:cfg.eval.sample_prompts]
