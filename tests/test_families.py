@@ -370,3 +370,29 @@ def test_inspect_runs_on_each_family_with_its_own_template(folder, family, tmp_p
                  "--html", str(tmp_path / "page.html")]) == 0
     out = capsys.readouterr().out
     assert "no chat template" not in out and "per part:" in out and (tmp_path / "page.html").exists()
+
+
+def test_tool_recipe_trains_on_both_tool_files_and_toolcall_eval_runs_before_and_after(
+        shared_file, tmp_path, capsys):
+    """configs/qwen3-tools.toml: both shared tool files mixed, LoRA on tiny-random-qwen3, and
+    eval.py --tasks toolcall before and after (a few steps: the plumbing, not the scores)."""
+    import eval as eval_cli
+    from training.config import load_config
+    from training.loop import train
+    qwen3, glaive = shared_file("models/tiny-random-qwen3"), shared_file("data/llamafactory_glaive_toolcall_en_demo.json")
+    shared_file("data/llamafactory_reason_tool_use_demo_50.jsonl")
+    cfg = load_config(ROOT / "configs" / "qwen3-tools.toml", [
+        f"model.path={qwen3}", f"run.out_dir={tmp_path}", "train.max_steps=2", "train.batch_size=2",
+        "data.max_seq_len=512", "eval.sample_prompts=0", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert len(cfg.data.sources) == 2
+    summary = train(cfg)
+    report = json.loads((tmp_path / "qwen3-tools" / "data_report.json").read_text())
+    assert summary["steps"] == 2 and len(report["sources"]) == 2
+    args = ["--tasks", "toolcall", "--data", str(glaive), "--limit", "3", "--max-new-tokens", "8"]
+    assert eval_cli.main(["--model", str(qwen3), *args, "--out", str(tmp_path / "base")]) == 0
+    assert eval_cli.main(["--model", str(qwen3), "--adapter", summary["final"], *args,
+                          "--out", str(tmp_path / "tuned")]) == 0
+    metrics = json.loads((tmp_path / "tuned" / "eval.json").read_text())["tasks"]["toolcall"]["metrics"]
+    assert {"call_parse_rate", "call_name_acc", "call_args_acc", "text_no_call_rate"} <= set(metrics)
+    assert eval_cli.main(["compare", str(tmp_path / "base"), str(tmp_path / "tuned")]) == 0
+    assert "toolcall.call_name_acc" in capsys.readouterr().out
