@@ -70,10 +70,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                   f"({result['metrics']['n_prompts']} prompts, {time.perf_counter() - t:.0f}s)")
             return result
 
-        base = score("before")  # LoRA's B = 0: this is the base model
-        fit(run)
-        finish(run)
-        tuned = score("after")
+        with run.folder:  # a failure before the first save leaves the run folder as it was
+            base = score("before")  # LoRA's B = 0: this is the base model
+            fit(run)
+            finish(run)
+            tuned = score("after")
     return write_demo_report(base, tuned, run.run_dir, time.perf_counter() - t_begin)
 
 

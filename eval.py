@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from model.cli import ArgParser
+from model.cli import ArgParser, number, run_cli
 from model.errors import SFTError
 
 ROOT = Path(__file__).resolve().parent
@@ -41,22 +41,18 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where there is one (no "(default: None)")."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+        if any(action.default is d for d in (None, False, argparse.SUPPRESS)) or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
 
-def _positive(kind: type, minimum: float = 1):
-    """argparse type: a number >= minimum (a bad value is one usage line, not a traceback)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text}: must be >= {minimum}")
-        return value
-    return parse
+def _room_for_a_prompt(args, em) -> None:
+    """--max-new-tokens must leave the prompt some of the model's positions."""
+    positions = em.model.config.max_position_embeddings
+    if args.max_new_tokens >= positions:
+        raise SFTError(f"--max-new-tokens {args.max_new_tokens}: leaves no room for a prompt in the model's "
+                       f"{positions} positions (max_position_embeddings of {Path(args.model) / 'config.json'}); "
+                       "lower it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,41 +63,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT layout) applied on top of --model")
     p.add_argument("--tasks", help=f"comma list of {','.join(TASKS)} (default: loss,samples with --data, "
                                    "else ifeval,mc)")
-    p.add_argument("--limit", type=_positive(int), help="at most N items per task (a seeded subset for mc)")
+    p.add_argument("--limit", type=number(int, 1), help="at most N items per task (a seeded subset for mc)")
     p.add_argument("--data", help="held-out conversations for loss, samples and toolcall (any format "
                    "data.formats reads)")
     p.add_argument("--out", help="output folder (default: runs/eval/<model>, where <model> is the "
                    "folder name, with its run's name for final/, merged/ and step_N/)")
     p.add_argument("--template", help="chat template name; default: the model's own, else alpaca")
-    p.add_argument("--max-new-tokens", type=_positive(int), default=256, help="tokens generated per reply")
-    p.add_argument("--batch-size", type=_positive(int), default=8, help="prompts (or MC rows) per forward batch")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="tokens generated per reply")
+    p.add_argument("--batch-size", type=number(int, 1), default=8, help="prompts (or MC rows) per forward batch")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights and compute dtype")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
-    p.add_argument("--seed", type=_positive(int, 0), default=0, help="seed for sampling and MC subsets")
-    p.add_argument("--threads", type=_positive(int, 0), default=0, help="CPU threads for torch (0: torch's "
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed for sampling and MC subsets")
+    p.add_argument("--threads", type=number(int, 0), default=0, help="CPU threads for torch (0: torch's "
                    "default); on an oversubscribed machine 1 can be much faster than 2")
-    p.add_argument("--max-len", type=_positive(int, 8), help="token limit per held-out conversation "
+    p.add_argument("--max-len", type=number(int, 8), help="token limit per held-out conversation "
                    "(default: the model's context length)")
-    p.add_argument("--samples", type=_positive(int), default=3, help="how many sample generations")
+    p.add_argument("--samples", type=number(int, 1), default=3, help="how many sample generations")
     p.add_argument("--ifeval-data", default=str(SHARED_DATA / "ifeval_input_data.jsonl"),
                    help="IFEval prompts (input_data.jsonl layout)")
     p.add_argument("--mc-data", default=str(SHARED_DATA / "mmlu_test.jsonl"), help="multiple-choice items")
     p.add_argument("--mc-dev", default=str(SHARED_DATA / "mmlu_dev.jsonl"), help="k-shot examples")
-    p.add_argument("--mc-limit", type=_positive(int), help="items for mc (overrides --limit for mc only)")
-    p.add_argument("--k-shot", type=_positive(int, 0), default=0, help="solved examples before each MC question")
+    p.add_argument("--mc-limit", type=number(int, 1), help="items for mc (overrides --limit for mc only)")
+    p.add_argument("--k-shot", type=number(int, 0), default=0, help="solved examples before each MC question")
     p.add_argument("--mc-style", default="letter", choices=("letter", "text"),
                    help="score the letters ' A'..' D' or the answer texts")
     p.add_argument("--judge-data", default=str(SHARED_DATA / "mt_bench_question.jsonl"),
                    help="questions for the judge task (MT-Bench layout)")
     p.add_argument("--judge", help="judge: a local model folder or an OpenAI-compatible base URL")
     p.add_argument("--judge-model", default="", help="model name sent to the judge endpoint")
-    p.add_argument("--judge-retries", type=_positive(int, 0), default=4, help="endpoint retries (backoff 1, 2, 4.. s)")
-    p.add_argument("--judge-timeout", type=_positive(float, 0.001), default=120.0, help="seconds per endpoint request")
+    p.add_argument("--judge-retries", type=number(int, 0), default=4, help="endpoint retries (backoff 1, 2, 4.. s)")
+    p.add_argument("--judge-timeout", type=number(float, 0.001), default=120.0, help="seconds per endpoint request")
     p.add_argument("--against", help="second model folder that answers the same prompts")
     p.add_argument("--against-adapter", help="LoRA adapter for --against")
     p.add_argument("--reference", help="reference answers JSONL (question_id + turns/answer) instead of --against")
-    p.add_argument("--turns", type=_positive(int), default=1, help="user turns per judge question (MT-Bench has 2)")
+    p.add_argument("--turns", type=number(int, 1), default=1, help="user turns per judge question (MT-Bench has 2)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -219,6 +215,8 @@ def run_tasks(args) -> dict:
     tasks, device = _tasks(args), _device(args.device)
     _set_threads(args.threads)
     em = load_eval_model(args.model, args.adapter, args.template, args.dtype, device)
+    if set(tasks) & {"samples", "ifeval", "judge", "toolcall"}:
+        _room_for_a_prompt(args, em)
     # MC scores raw text (no template), so the template note only matters for the other tasks.
     notes = list(em.notes) if set(tasks) - {"mc"} else []
     result = {"model": args.model, "adapter": args.adapter, "template": em.template, "notes": notes,
@@ -310,17 +308,18 @@ def cmd_chat(argv: list[str]) -> int:
     p.add_argument("--adapter", help="LoRA adapter folder applied on top of --model")
     p.add_argument("--template", help="chat template name; default: the model's own, else alpaca")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=_positive(int), default=256, help="tokens per reply at most")
-    p.add_argument("--temperature", type=_positive(float, 0), default=0.7, help="0: greedy")
-    p.add_argument("--top-p", type=_positive(float, 0.001), default=0.9, help="nucleus sampling mass")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="tokens per reply at most")
+    p.add_argument("--temperature", type=number(float, 0), default=0.7, help="0: greedy")
+    p.add_argument("--top-p", type=number(float, 0.001, 1.0), default=0.9, help="nucleus sampling mass")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="dtype")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
-    p.add_argument("--threads", type=_positive(int, 0), default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=number(int, 0), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     _set_threads(args.threads)
     from evaluation.generation import load_eval_model
     em = load_eval_model(args.model, args.adapter, args.template, args.dtype, _device(args.device))
+    _room_for_a_prompt(args, em)
     print(f"chatting with {args.model}{' + ' + args.adapter if args.adapter else ''} "
           f"(template {em.template}). {CHAT_HELP}; Ctrl-C stops a reply, Ctrl-D leaves.")
     for note in em.notes:
@@ -380,18 +379,13 @@ def chat_loop(em, args, read=input, out=sys.stdout) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to eval / chat / compare; a mistake in the input is one line and status 2."""
+    """Dispatch to eval / chat / compare; a mistake in the input is one line and status 2, Ctrl-C
+    (outside a chat reply) 130 (model/cli.py)."""
     argv = sys.argv[1:] if argv is None else argv
     commands = {"chat": cmd_chat, "compare": cmd_compare}
-    try:
-        if argv and argv[0] in commands:
-            return commands[argv[0]](argv[1:])
-        return cmd_eval(argv)
-    except SFTError as e:
-        if "--debug" in argv:
-            raise
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
+    if argv and argv[0] in commands:
+        return run_cli(lambda: commands[argv[0]](argv[1:]), "--debug" in argv, prog="eval.py")
+    return run_cli(lambda: cmd_eval(argv), "--debug" in argv, prog="eval.py")
 
 
 if __name__ == "__main__":

@@ -34,15 +34,27 @@ names are the Hugging Face module names under the "base_model.model." prefix, e.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A: (r, in), B: (out, r)), with
 no adapter name in the key. Our module tree is HF's minus the leading "model.", and our LoRA
 layer names its parts base_layer / lora_A / lora_B like PEFT, so a name maps by a prefix.
+A projection with a bias (Qwen2's q/k/v) keeps it in the base layer: the adapter adds to the
+weight only (PEFT's `bias: "none"`), so merging adds B @ A to W and leaves the bias as it was.
+
+The adapter's metadata is the adapter's own: `adapter_config(model)` reads it off the LoRA layers
+(rank, alpha, dropout, targets; what else trains in full is what requires a gradient), and
+`AdapterConfig` is the typed form of `adapter_config.json`. It records the base model's folder
+(`base_model_name_or_path`, from the config the base was loaded with), so a tool handed only the
+adapter can say which base it needs. Reading an adapter_config.json checks every key: PEFT
+features that change the math and that we do not implement (DoRA, LoRA biases, per-layer ranks,
+layer selection, ...) are refused by name, never ignored.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.checkpoint import save_pretrained
@@ -50,11 +62,34 @@ from model.errors import SFTError
 from model.files import atomic_write_json, read_json, write_folder
 from model.llama import Transformer
 from model.nf4 import Linear4bit
+from model.options import check_value, opt
 from model.safetensors import LazyTensor, load_file, save_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """x.to(w.dtype) @ w.T (the first LoRA product of a bf16 or 4-bit model), keeping x for the
+    weight gradient in its own dtype. Left to autograd, the fp32 copy of x is what is kept: twice
+    the bytes of x, and once per projection although q, k and v (and gate and up) read one x,
+    which then also escapes the block's recomputation (model/recompute.py): 1.2 GiB of an
+    8B-shaped QLoRA step at 256 tokens. Backward makes the copy again; the values are the same."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+        ctx.x_dtype = x.dtype
+        return F.linear(x.to(w.dtype), w)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx = (g @ w).to(ctx.x_dtype) if w is not None else None              # (..., in)
+        dw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)
+              if x is not None else None)                                    # (r, in)
+        return dx, dw
 
 
 class LoRALinear(nn.Module):
@@ -83,8 +118,13 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         # the adapter runs in its own dtype (fp32 by default, as PEFT), the sum in the base's
-        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return (result + self.lora_B(self.lora_A(h)) * self.scaling).to(result.dtype)
+        w = self.lora_A.weight
+        if x.dtype != w.dtype and isinstance(self.lora_dropout, nn.Identity) \
+                and not torch.is_autocast_enabled(x.device.type):
+            a = _UpcastLinear.apply(x, w)  # keeps the bf16 x for backward, not its fp32 copy
+        else:
+            a = self.lora_A(self.lora_dropout(x.to(w.dtype)))
+        return (result + self.lora_B(a) * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, (out, in) in fp32."""
@@ -190,11 +230,6 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
         parent, _, child = name.rpartition(".")
         holder = modules[parent] if parent else model
         setattr(holder, child, LoRALinear(modules[name], r, alpha, dropout, use_rslora, dtype))
-    model.lora_config = {
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
-        "target_modules": sorted({n.split(".")[-1] for n in chosen}),
-        "modules_to_save": [m for m, on in (("embed_tokens", train_embeddings), ("lm_head", train_head)) if on] or None,
-    }
     mark_only_lora_trainable(model, train_embeddings, train_head)
     return model
 
@@ -213,7 +248,103 @@ def mark_only_lora_trainable(model: nn.Module, train_embeddings: bool = False, t
         model.lm_head.weight.requires_grad_(True)
 
 
-def _adapter_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+# ----------------------------------------------------------------------------- adapter_config.json
+
+@dataclass
+class AdapterConfig:
+    """adapter_config.json, typed: PEFT's keys for the LoRA features we implement."""
+    r: int = opt(8, "LoRA rank", gt=0)
+    lora_alpha: float = opt(16.0, "scale numerator: the update is scaled by alpha / r", gt=0)
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input", ge=0, lt=1)
+    use_rslora: bool = opt(False, "scale by alpha / sqrt(r)")
+    target_modules: list[str] | str = opt([], "module names (or one regex) that have adapters")
+    modules_to_save: list[str] | None = None  # trained in full: embed_tokens and/or lm_head
+    base_model_name_or_path: str | None = None  # the folder of the base model
+
+    def to_peft(self) -> dict:
+        """The JSON PEFT writes (its other keys at their off values), which PEFT loads as is."""
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", **asdict(self), "bias": "none",
+                "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+                "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+                "rank_pattern": {}, "alpha_pattern": {}}
+
+
+# keys whose value changes nothing once the weights exist (bookkeeping, initialisation schemes)
+ADAPTER_NEUTRAL = {"peft_type", "task_type", "auto_mapping", "peft_version", "revision", "inference_mode",
+                   "init_lora_weights", "layers_pattern", "megatron_core", "loftq_config", "eva_config",
+                   "corda_config", "lora_ga_config", "qalora_group_size"}
+ADAPTER_OFF = {"bias": "none"}  # a switch we implement only off; any other unknown key must be empty
+FULL_MODULES = ("embed_tokens", "lm_head")
+
+
+def _empty(value) -> bool:
+    return value is None or value is False or value == {} or value == []
+
+
+def read_adapter_config(folder: str | os.PathLike) -> AdapterConfig:
+    """adapter_config.json, every key checked: ours typed, PEFT's bookkeeping accepted, any other
+    PEFT feature accepted only when off (null, false, {} or []) and refused by name otherwise."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.exists():
+        raise SFTError(f"{path}: missing (is {folder} a PEFT/LoRA adapter folder?)")
+    raw = read_json(path, ADAPTER_CONFIG)
+    if not isinstance(raw, dict):
+        raise SFTError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in raw:
+            raise SFTError(f"{path}: missing key {key!r}")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise SFTError(f"{path}: peft_type {raw['peft_type']!r} is not supported (only LORA)")
+    known = {f.name: f for f in fields(AdapterConfig)}
+    cfg = AdapterConfig()
+    for key, value in raw.items():
+        if key in known:
+            setattr(cfg, key, _adapter_field(value, key, known[key], str(path)))
+        elif key in ADAPTER_OFF and value != ADAPTER_OFF[key] or not (
+                key in ADAPTER_OFF or key in ADAPTER_NEUTRAL or _empty(value)):
+            raise SFTError(f"{path}: {key}={value!r} is not supported (plain LoRA only: bias none, one "
+                           "rank and alpha for all layers, no DoRA); a setting that changes the math is "
+                           "refused, never ignored")
+    return cfg
+
+
+def _adapter_field(value, key: str, f, source: str):
+    """One AdapterConfig key checked (model/options.py check_value for the plain types)."""
+    if key == "target_modules":
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        raise SFTError(f"{source}: 'target_modules' must be a regex string or a list of module names, got {value!r}")
+    if key == "modules_to_save":
+        if value is None or (isinstance(value, list) and set(value) <= set(FULL_MODULES)):
+            return value or None
+        raise SFTError(f"{source}: 'modules_to_save' {value!r}: only {' and '.join(FULL_MODULES)} can be "
+                       "trained in full")
+    if key == "base_model_name_or_path":
+        if value is None or isinstance(value, str):
+            return value
+        raise SFTError(f"{source}: 'base_model_name_or_path' must be a string or null, got {value!r}")
+    return check_value(value, {"r": int, "use_rslora": bool}.get(key, float), f, key, source)
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig:
+    """The adapter's metadata, read off its LoRA layers (apply_lora gives them all one shape)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise SFTError("save_adapter: the model has no LoRA layers (call apply_lora first)")
+    first = next(iter(layers.values()))
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    config = getattr(model, "config", None)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    trained = [m for m in FULL_MODULES  # a LoRA-wrapped head has no .weight; a tied one is the embedding
+               if getattr(getattr(model, m, None), "weight", None) is not None
+               and getattr(model, m).weight.requires_grad and not (m == "lm_head" and tied)]
+    return AdapterConfig(first.r, first.alpha, dropout, first.use_rslora,
+                         sorted({n.split(".")[-1] for n in layers}), trained or None,
+                         getattr(config, "name_or_path", None))
+
+
+def _adapter_tensors(model: nn.Module, modules_to_save: list[str] | None,
+                     state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """Everything the adapter file holds, under PEFT's names.
 
     state_dict: take the tensors from it (our names) instead of the modules, e.g. full tensors
@@ -227,7 +358,7 @@ def _adapter_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[s
     for name in lora_layers(model):
         for part in ("lora_A", "lora_B"):
             out[f"{PEFT_PREFIX}{hf_name(name)}.{part}.weight"] = tensor(f"{name}.{part}.weight")
-    for mod in model.lora_config.get("modules_to_save") or []:
+    for mod in modules_to_save or []:
         out[f"{PEFT_PREFIX}{hf_name(mod)}.weight"] = tensor(f"{mod}.weight")
     return out
 
@@ -236,48 +367,18 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
                  state_dict: dict | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors (PEFT layout); atomic folder swap.
 
+    base_model_name_or_path: default, the folder the base model was loaded from.
     state_dict: full adapter tensors by our parameter names, when the model's own are FSDP shards.
     """
-    if not lora_layers(model) or not hasattr(model, "lora_config"):
-        raise SFTError("save_adapter: the model has no LoRA layers (call apply_lora first)")
+    cfg = adapter_config(model)
     if any(layer.merged for layer in lora_layers(model).values()):
         raise SFTError("save_adapter: LoRA layers are merged; unmerge them before saving the adapter")
-    cfg = model.lora_config
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
-        "lora_dropout": cfg["lora_dropout"], "use_rslora": cfg["use_rslora"],
-        "target_modules": cfg["target_modules"], "modules_to_save": cfg["modules_to_save"],
-        "base_model_name_or_path": base_model_name_or_path, "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "use_dora": False,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-    }
+    if base_model_name_or_path is not None:
+        cfg.base_model_name_or_path = base_model_name_or_path
+    tensors = _adapter_tensors(model, cfg.modules_to_save, state_dict)
     with write_folder(folder) as tmp:
-        atomic_write_json(tmp / ADAPTER_CONFIG, config)
-        save_file({k: t.contiguous() for k, t in _adapter_tensors(model, state_dict).items()}, tmp / ADAPTER_WEIGHTS)
-
-
-def read_adapter_config(folder: str | os.PathLike) -> dict:
-    """adapter_config.json, checked for the LoRA features we implement."""
-    path = Path(folder) / ADAPTER_CONFIG
-    if not path.exists():
-        raise SFTError(f"{path}: missing (is {folder} a PEFT/LoRA adapter folder?)")
-    cfg = read_json(path, ADAPTER_CONFIG)
-    if not isinstance(cfg, dict):
-        raise SFTError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in cfg:
-            raise SFTError(f"{path}: missing key {key!r}")
-    if type(cfg["r"]) is not int or cfg["r"] <= 0:
-        raise SFTError(f"{path}: r (the LoRA rank) must be a positive integer, got {cfg['r']!r}")
-    unsupported = {"peft_type": cfg.get("peft_type", "LORA") != "LORA", "use_dora": bool(cfg.get("use_dora")),
-                   "bias": cfg.get("bias", "none") != "none", "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
-                   "rank_pattern": bool(cfg.get("rank_pattern")), "alpha_pattern": bool(cfg.get("alpha_pattern")),
-                   "layers_to_transform": cfg.get("layers_to_transform") is not None}
-    bad = [k for k, is_bad in unsupported.items() if is_bad]
-    if bad:
-        raise SFTError(f"{path}: {', '.join(f'{k}={cfg.get(k)!r}' for k in bad)} is not supported "
-                       "(plain LoRA only: peft_type LORA, bias none, one rank and alpha for all layers)")
-    return cfg
+        atomic_write_json(tmp / ADAPTER_CONFIG, cfg.to_peft())
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp / ADAPTER_WEIGHTS)
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
@@ -288,12 +389,12 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     if not weights_path.exists():
         raise SFTError(f"{weights_path}: missing (only safetensors adapters are read; re-save with "
                        "PEFT's save_pretrained(safe_serialization=True))")
-    targets = cfg["target_modules"]
-    to_save = cfg.get("modules_to_save") or []
+    targets = cfg.target_modules
+    to_save = cfg.modules_to_save or []
     if not lora_layers(model):
-        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+        apply_lora(model, r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                    targets=targets if isinstance(targets, str) else tuple(targets),
-                   use_rslora=bool(cfg.get("use_rslora")), train_embeddings="embed_tokens" in to_save,
+                   use_rslora=cfg.use_rslora, train_embeddings="embed_tokens" in to_save,
                    train_head="lm_head" in to_save)
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {f"{PEFT_PREFIX}{hf_name(n)}": n for n in params
@@ -334,8 +435,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, merged)
         layer._quantized = []      # drop the 4-bit copy now, not after the whole model
-    if hasattr(model, "lora_config"):
-        del model.lora_config
     return model
 
 
@@ -356,10 +455,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor | LazyTensor]:
     for name, meta in ref.state_dict().items():
         mod_name, _, attr = name.rpartition(".")
         module, shape = modules[mod_name], tuple(meta.shape)
+        if isinstance(module, LoRALinear) and attr == "bias":  # the update is on the weight only
+            module = module.base_layer
         if isinstance(module, LoRALinear):
             out[name] = LazyTensor(shape, module.weight_dtype, module.merged_weight)
-        elif isinstance(module, Linear4bit):
+        elif isinstance(module, Linear4bit) and attr == "weight":
             out[name] = LazyTensor(shape, module.compute_dtype, module.dequantize)
+        elif isinstance(module, Linear4bit):  # its bias, kept in the compute dtype
+            out[name] = module.bias.detach().to(module.compute_dtype)
         else:
             out[name] = getattr(module, attr).detach()
     return out
@@ -372,6 +475,9 @@ def save_merged(model: nn.Module, folder: str | os.PathLike, tokenizer=None,
 
     This is the one way to save a LoRA/QLoRA model as a full model: save_pretrained alone
     refuses a model that still holds LoRA or 4-bit layers. Arguments as save_pretrained's.
+    For llama.cpp / Ollama, `model.gguf.export_gguf(folder, ...)` then writes the merged folder
+    as one GGUF file (the training run does it with export.gguf).
     """
     save_pretrained(model, folder, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
                     generation_config=generation_config, state_dict=merged_state_dict(model))
+

@@ -16,16 +16,35 @@ A run is three phases (training/loop.py), each a short read:
   3. finish   held-out loss after, final/ (HF folder or PEFT adapter), loss.svg, samples.
 
 Outputs in <run.out_dir>/<run.name>/: config.toml, metrics.jsonl, loss.svg, step_N/, final/.
+Exit status: 0 when final/ is written; 2 for a bad input (one line naming the file and key, or a
+run that learned nothing); 130 / 143 when stopped by SIGINT / SIGTERM (model/cli.py), with the
+last checkpoint intact. training/run_folder.py: what happens to an earlier run in the folder.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 
 from model.cli import run_cli
+from model.errors import SFTError
+from model.files import read_text
 from training import distributed as D
-from training.config import help_text, load_config
+from training.config import Config, help_text, load_config
 from training.loop import train
+
+
+def read_config(path: str | None, overrides: list[str]) -> Config:
+    """The run's config; the demo's own config (a [demo] section) is pointed to demo.py."""
+    if path:
+        try:
+            demo = "demo" in tomllib.loads(read_text(path, "config file (TOML)"))
+        except tomllib.TOMLDecodeError:
+            demo = False  # load_config names the line
+        if demo:
+            raise SFTError(f"{path}: a [demo] section: this is the offline demo's config; run it with "
+                           f"python demo.py --config {path}")
+    return load_config(path, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     status = 1
     try:
-        status = run_cli(lambda: train(load_config(args.config, args.overrides)), args.debug)
+        status = run_cli(lambda: train(read_config(args.config, args.overrides)), args.debug)
         return status
     finally:
         D.teardown(clean=status == 0)

@@ -1,7 +1,8 @@
 """Peak memory of one training step on CPU: full fine-tuning vs LoRA vs QLoRA (NF4 base).
 
-    python bench/memory.py              # pico-base + 110M-shaped Llama, then the 7B QLoRA step
+    python bench/memory.py              # pico-base + 110M-shaped Llama, then the 7B and 8B QLoRA steps
     python bench/memory.py --no-7b      # the quick part only (a few minutes less)
+    python bench/memory.py --only-8b    # just the Llama-3-8B-shaped QLoRA step
     python bench/memory.py --merge-export [--export-shape 110m]   # saving a merged QLoRA model
 
 What is measured. Each (model, mode) runs in a fresh subprocess, so one run's freed memory
@@ -20,6 +21,10 @@ quantized to NF4 as they are made, so the full-precision model never exists; emb
 and head in bf16, LoRA in fp32, batch 1 x 256 tokens. Activation checkpointing per block is
 available (--checkpointing) but off: at 1 x 256 tokens the activations are small next to the
 3.4 GB of NF4 weights, and recomputing would dequantize every weight a third time.
+Then a Llama-3-8B-shaped model (Llama-3.1-8B: hidden 4096, 32 layers, 32 heads / 8 KV heads, FFN
+14336, vocab 128256, untied head, llama3 rope scaling), QLoRA in the same way: its two
+128k x 4096 matrices, the embedding and the head (kept out of NF4, as in QLoRA), cost 1 GiB each
+in bf16 and are filled a slice of rows at a time, so no fp32 copy of them exists either.
 
 Merged export (--merge-export). A QLoRA model of the given shape (NF4 base, bf16 embeddings,
 LoRA on all linears but the head with a non-zero update) is written as a full bf16 HF
@@ -49,7 +54,12 @@ SHAPES = {
                  num_attention_heads=12, max_position_embeddings=2048),
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                num_attention_heads=32, max_position_embeddings=4096),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+               rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
+BIG = {"7b": "Llama-2-7B", "8b": "Llama-3-8B"}  # the QLoRA-only shapes
 
 
 def _status_kib(field: str) -> int:
@@ -57,6 +67,15 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _randn(shape, dtype, rows: int = 4096):
+    """N(0, 0.02) of `shape` in `dtype`, drawn in fp32 a slice of rows at a time."""
+    import torch
+    out = torch.empty(shape, dtype=dtype)
+    for i in range(0, shape[0], rows):
+        out[i:i + rows] = torch.randn(out[i:i + rows].shape) * 0.02
+    return out
 
 
 def build_random(shape: str, mode: str, dtype):
@@ -73,15 +92,13 @@ def build_random(shape: str, mode: str, dtype):
         model = Transformer(cfg)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                w = torch.randn(child.out_features, child.in_features) * 0.02
-                if mode == "qlora" and name != "lm_head":
-                    setattr(parent, name, Linear4bit(w, compute_dtype=dtype))
-                else:
-                    child.weight = nn.Parameter(w.to(dtype))
-                del w
+            if isinstance(child, nn.Linear) and (name == "lm_head" or mode != "qlora"):
+                child.weight = nn.Parameter(_randn((child.out_features, child.in_features), dtype))
+            elif isinstance(child, nn.Linear):  # quantized the moment it exists; fp32 dropped
+                setattr(parent, name, Linear4bit(torch.randn(child.out_features, child.in_features) * 0.02,
+                                                 compute_dtype=dtype))
             elif isinstance(child, nn.Embedding):
-                child.weight = nn.Parameter((torch.randn(child.weight.shape) * 0.02).to(dtype))
+                child.weight = nn.Parameter(_randn(child.weight.shape, dtype))
             elif isinstance(child, RMSNorm):
                 child.weight = nn.Parameter(torch.ones(child.weight.shape, dtype=dtype))
     return model
@@ -181,8 +198,10 @@ def spawn(spec: dict) -> dict:
     # freed), freed activations linger in the heap, and the peak RSS of the same run varied by
     # up to 1 GB from one launch to the next.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                          text=True, cwd=ROOT, env=env)
+    # `-m bench.memory` from the repo root: the child's sys.path starts at the root, not at bench/,
+    # whose tokenize.py would shadow the standard library's (which `import torch` needs)
+    proc = subprocess.run([sys.executable, "-m", "bench.memory", "--one", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -196,8 +215,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-7b", action="store_true", help="skip the Llama-2-7B-shaped QLoRA step")
     ap.add_argument("--only-7b", action="store_true", help="run only the 7B QLoRA step")
+    ap.add_argument("--no-8b", action="store_true", help="skip the Llama-3-8B-shaped QLoRA step")
+    ap.add_argument("--only-8b", action="store_true", help="run only the 8B QLoRA step")
     ap.add_argument("--checkpointing", action="store_true",
-                    help="activation checkpointing per block for the 7B step (not needed at 1 x 256)")
+                    help="activation checkpointing per block for the 7B/8B steps (not needed at 1 x 256)")
     ap.add_argument("--merge-export", action="store_true",
                     help="instead: peak RSS of saving a merged QLoRA model, streamed vs in memory")
     ap.add_argument("--export-shape", choices=sorted(SHAPES), default="110m")
@@ -210,7 +231,7 @@ def main() -> None:
         print(json.dumps(merge_export(args)))
         return
     out: dict = {"batch": args.batch, "seq": args.seq, "threads": args.threads}
-    runs = [] if args.only_7b else [(m, mode) for m in ("pico", "110m") for mode in ("full", "lora", "qlora")]
+    runs = [] if args.only_7b or args.only_8b else [(m, mode) for m in ("pico", "110m") for mode in ("full", "lora", "qlora")]
     print(f"one training step, {args.threads} threads, LoRA r=8 on all linear layers but the head; "
           "memory as peak resident set size in GiB (2^30 bytes)")
     if runs:
@@ -225,16 +246,21 @@ def main() -> None:
         out[f"{model_name}_{mode}_peak_rss_gb"] = round(r["peak_rss_gb"], 3)
         if r["nf4_bits_per_param"]:
             out[f"{model_name}_nf4_bits_per_param"] = round(r["nf4_bits_per_param"], 4)
-    out["qlora_7b_peak_rss_gb"] = None
-    if not args.no_7b:
-        r = spawn(dict(model="7b", mode="qlora", dtype="bfloat16", batch=1, seq=256,
+    big = [b for b in BIG if not (b == "7b" and args.no_7b or b == "8b" and args.no_8b
+                                  or args.only_7b and b != "7b" or args.only_8b and b != "8b")]
+    for b in BIG:
+        out[f"qlora_{b}_peak_rss_gb"] = None
+    for b in big:
+        r = spawn(dict(model=b, mode="qlora", dtype="bfloat16", batch=1, seq=256,
                        threads=args.threads, checkpointing=args.checkpointing))
-        print(f"7b    qlora{' +ckpt' if args.checkpointing else ''}: peak RSS {r['peak_rss_gb']:6.3f} GiB (after build {r['after_build_rss_gb']:.3f}; "
+        print(f"{b}    qlora{' +ckpt' if args.checkpointing else ''} ({BIG[b]}-shaped): peak RSS "
+              f"{r['peak_rss_gb']:6.3f} GiB (after build {r['after_build_rss_gb']:.3f}; "
               f"built + quantized in {r['build_s']:.0f}s), one step at 1 x 256 in {r['step_s']:.0f}s, "
               f"trainable {r['trainable_m']:.1f}M, NF4 {r['nf4_bits_per_param']:.4f} bits/param, "
               f"loss {r['loss']:.3f}; target <= 8 GiB: {'met' if r['peak_rss_gb'] <= 8 else 'MISSED'}")
-        out.update(qlora_7b_peak_rss_gb=round(r["peak_rss_gb"], 3), qlora_7b_step_s=round(r["step_s"], 1),
-                   qlora_7b_build_s=round(r["build_s"], 1), nf4_7b_bits_per_param=round(r["nf4_bits_per_param"], 4))
+        out.update({f"qlora_{b}_peak_rss_gb": round(r["peak_rss_gb"], 3), f"qlora_{b}_step_s": round(r["step_s"], 1),
+                    f"qlora_{b}_build_s": round(r["build_s"], 1),
+                    f"nf4_{b}_bits_per_param": round(r["nf4_bits_per_param"], 4)})
     print(json.dumps(out))
 
 

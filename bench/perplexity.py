@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from data.filters import read_records, response_perplexities  # noqa: E402
+from data.quality import read_records, response_perplexities  # noqa: E402
 from model import Tokenizer, load_pretrained  # noqa: E402
 
 

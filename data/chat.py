@@ -44,10 +44,9 @@ def resolve_template(folder: str | Path, tokenizer, requested: str = "auto",
         return requested, (f"template {requested!r} chosen with {option}{own}" if own else None)
     if tokenizer.chat_template:
         try:
-            return template_from_tokenizer_config({"chat_template": tokenizer.chat_template}), None
+            return template_from_tokenizer_config({"chat_template": tokenizer.chat_template}, option), None
         except SFTError as e:  # a template we do not reproduce: the user must name one
-            raise SFTError(f"{Path(folder) / 'tokenizer_config.json'}: {e}; set {option} to one "
-                           f"of {', '.join(TEMPLATES)} after checking it renders the same text") from None
+            raise SFTError(f"{Path(folder)}/{e}") from None  # e starts "tokenizer_config.json: ..."
     return DEFAULT_TEMPLATE, (f"{folder} has no chat template; prompts use the {DEFAULT_TEMPLATE!r} "
                               f"template (choose another with {option})")
 

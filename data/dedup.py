@@ -25,7 +25,7 @@ import re
 import zlib
 
 import numpy as np
-
+from tqdm import tqdm
 
 
 def normalize_text(text: str) -> str:
@@ -52,22 +52,21 @@ def shingles(text: str, ngram: int = 3) -> list[int]:
 
 
 def minhash_signatures(texts: list[str], num_perm: int = 128, ngram: int = 3, seed: int = 0) -> np.ndarray:
-    """MinHash signatures, (N, num_perm) uint64, computed in chunks over all shingles at once."""
+    """MinHash signatures, (N, num_perm) uint32, computed in chunks of documents whose shingles
+    are hashed all at once."""
     rng = np.random.default_rng(seed)
     a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)   # odd multipliers
     b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
-    per_doc = [shingles(t, ngram) for t in texts]
-    lengths = np.array([len(s) for s in per_doc], dtype=np.int64)
-    flat = np.fromiter((h for s in per_doc for h in s), dtype=np.uint64, count=int(lengths.sum()))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     sig = np.empty((len(texts), num_perm), dtype=np.uint32)
     docs_per_chunk = 256
-    with np.errstate(over="ignore"):  # the wrap-around is the mod 2^64
-        for lo in range(0, len(texts), docs_per_chunk):
-            hi = min(lo + docs_per_chunk, len(texts))
-            s, e = starts[lo], starts[hi - 1] + lengths[hi - 1]
-            hashed = ((flat[s:e, None] * a[None, :] + b[None, :]) >> np.uint64(32)).astype(np.uint32)  # (shingles, P)
-            sig[lo:hi] = np.minimum.reduceat(hashed, starts[lo:hi] - s, axis=0)
+    for lo in tqdm(range(0, len(texts), docs_per_chunk), desc="minhash", unit="chunk", leave=False, disable=None):
+        per_doc = [shingles(t, ngram) for t in texts[lo:lo + docs_per_chunk]]
+        lengths = np.array([len(s) for s in per_doc], dtype=np.int64)
+        flat = np.fromiter((h for s in per_doc for h in s), dtype=np.uint64, count=int(lengths.sum()))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])                 # each doc's first shingle
+        with np.errstate(over="ignore"):  # the wrap-around is the mod 2^64
+            hashed = ((flat[:, None] * a[None, :] + b[None, :]) >> np.uint64(32)).astype(np.uint32)  # (shingles, P)
+        sig[lo:lo + len(per_doc)] = np.minimum.reduceat(hashed, starts, axis=0)
     return sig
 
 

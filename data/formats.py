@@ -36,11 +36,19 @@ has them).
 
 Errors are raised where the bad record enters and name the file and the line (JSONL) or the
 record index (JSON list): `data.jsonl:17: ...`. `format="auto"` looks at the first record;
-pass the format name to override it.
+pass the format name to override it. A file holds one format: with "auto", a later record that
+is plainly of another format (a ShareGPT record in an Alpaca file) is an error naming its line.
+
+Reading streams: a JSONL file is read one line at a time and never held whole (a million-line
+file costs one record of memory), a JSON list is parsed once. `open_records` + `record_conversations`
+are the two halves of `iter_conversations`, so data/pipeline.py can read in one process and
+convert in many (flat OASST messages are the exception: only the whole file links them).
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 from data.conversation import ROLES, Conversation, tools_of
 from data.conversation import validate_conversation
@@ -54,18 +62,25 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
-def read_records(path: str | Path) -> list[tuple[str, dict]]:
-    """[(where, record)] from a JSON list or a JSONL file; `where` is `path:LINE` (JSONL) or
-    `path record I` (JSON list)."""
+def iter_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) from a JSON list or a JSONL file, one at a time; `where` is `path:LINE`
+    (JSONL, streamed line by line) or `path record I` (a JSON list, parsed once)."""
     path = Path(path)
-    is_list = first_char(path, "data file") == "["
-    if not is_list:
-        return [(f"{path}:{lineno}", r) for lineno, r in iter_jsonl(path, "data file")]
+    if first_char(path, "data file") != "[":
+        for lineno, r in iter_jsonl(path, "data file"):
+            yield f"{path}:{lineno}", r
+        return
     data = read_json(path, "data file")
     for i, r in enumerate(data):
         if not isinstance(r, dict):
             raise SFTError(f"{path} record {i}: expected a JSON object, got {type(r).__name__}")
-    return [(f"{path} record {i}", r) for i, r in enumerate(data)]
+    for i, r in enumerate(data):
+        yield f"{path} record {i}", r
+
+
+def read_records(path: str | Path) -> list[tuple[str, dict]]:
+    """Every (where, record) of a file (see iter_records)."""
+    return list(iter_records(path))
 
 
 def detect_format(record: dict, where: str = "record") -> str:
@@ -217,6 +232,92 @@ def finish_conversation(messages: list[dict], where: str) -> Conversation:
     return conv
 
 
+class Records(NamedTuple):
+    """The records of a file, still unread, and what they hold."""
+    format: str                         # alpaca | sharegpt | openai | oasst
+    detected: bool                      # the format came from the first record ("auto")
+    items: Iterator[tuple[str, dict]]   # (where, record), streamed
+    whole_file: bool                    # flat OASST messages: only the whole file makes trees
+
+
+def open_records(path: str | Path, format: str = "auto") -> Records | None:
+    """The file's format (detected from the first record for "auto") and its records, or None
+    when the file holds none."""
+    items = iter_records(path)
+    first = next(items, None)
+    if first is None:
+        return None
+    detected = format == "auto"
+    if detected:
+        format = detect_format(first[1], first[0])
+    if format not in FORMATS:
+        raise SFTError(f"{path}: unknown format {format!r}; known: auto, {', '.join(FORMATS)}")
+    flat = format == "oasst" and not ("prompt" in first[1] or "replies" in first[1])
+    return Records(format, detected, itertools.chain([first], items), flat)
+
+
+def _check_same_format(record: dict, where: str, format: str) -> None:
+    """A file read as "auto" holds one format: a record plainly of another one is an error."""
+    try:
+        found = detect_format(record, where)
+    except SFTError:
+        return  # not recognisably anything: the converter names the missing key
+    if found != format:
+        raise SFTError(f"{where}: a {found} record in a file whose first record is {format}; one file "
+                       "holds one format (split the file, or give its format to read it as one)")
+
+
+def record_conversations(record: dict, where: str, format: str, *, detected: bool = False, paths: str = "best",
+                         lang=None, keep_unreviewed: bool = False) -> list[Conversation]:
+    """The conversations of one record of a `format` file: one, or a nested OASST tree's paths.
+    detected: the format was read off the file's first record (checked against this one)."""
+    if detected:
+        _check_same_format(record, where, format)
+    if format == "oasst":
+        return [finish_conversation(c, where) for c in
+                from_oasst_tree(record.get("prompt", record), where, paths, lang, keep_unreviewed)]
+    convert = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "openai": from_openai}[format]
+    try:
+        return [finish_conversation(convert(record, where), where)]
+    except KeyError as e:
+        raise SFTError(f"{where}: missing key {e.args[0]!r} for format {format}") from None
+
+
+def _oasst_options(paths: str, lang) -> list[str] | None:
+    if paths not in ("best", "all"):
+        raise SFTError(f"paths must be 'best' or 'all', got {paths!r}")
+    return [lang] if isinstance(lang, str) else lang
+
+
+def iter_conversations(path: str | Path, format: str = "auto", *, paths: str = "best", lang=None,
+                       keep_unreviewed: bool = False, skip_invalid: bool = False,
+                       parse_first: bool = False) -> Iterator[tuple[str, Conversation]]:
+    """(where, conversation) for each conversation of a file, streamed (see load_conversations).
+    parse_first: read every record before converting any (a broken line is reported before a
+    bad record above it, at the cost of holding the records)."""
+    lang = _oasst_options(paths, lang)
+    records = open_records(path, format)
+    if records is None:
+        return
+    if parse_first:
+        records = records._replace(items=iter(list(records.items)))
+    if records.whole_file:
+        for where, root in _nest_flat_messages(list(records.items)):
+            for c in from_oasst_tree(root, where, paths, lang, keep_unreviewed):
+                yield where, finish_conversation(c, where)
+        return
+    for where, r in records.items:
+        try:
+            convs = record_conversations(r, where, records.format, detected=records.detected, paths=paths,
+                                         lang=lang, keep_unreviewed=keep_unreviewed)
+        except SFTError:
+            if skip_invalid:
+                continue
+            raise
+        for conv in convs:
+            yield where, conv
+
+
 def load_conversations(path: str | Path, format: str = "auto", *, paths: str = "best", lang=None,
                        keep_unreviewed: bool = False, skip_invalid: bool = False) -> list[Conversation]:
     """Read a dataset file into conversations (Conversation: a list of message dicts + `.tools`).
@@ -225,37 +326,8 @@ def load_conversations(path: str | Path, format: str = "auto", *, paths: str = "
     lang (a code or a list of codes), keep_unreviewed. skip_invalid=True drops records whose
     conversation is malformed (roles out of order, no assistant reply) instead of raising.
     """
-    records = read_records(path)
-    if not records:
-        return []
-    if format == "auto":
-        format = detect_format(records[0][1], records[0][0])
-    if format not in FORMATS:
-        raise SFTError(f"{path}: unknown format {format!r}; known: auto, {', '.join(FORMATS)}")
-    if isinstance(lang, str):
-        lang = [lang]
-    if paths not in ("best", "all"):
-        raise SFTError(f"paths must be 'best' or 'all', got {paths!r}")
-    if format == "oasst":
-        nested = all("prompt" in r or "replies" in r for _, r in records)
-        roots = [(w, r.get("prompt", r)) for w, r in records] if nested else _nest_flat_messages(records)
-        return [finish_conversation(c, w) for w, root in roots
-                for c in from_oasst_tree(root, w, paths, lang, keep_unreviewed)]
-    convert = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "openai": from_openai}[format]
-    out = []
-    for where, r in records:
-        try:
-            conv = finish_conversation(convert(r, where), where)
-        except KeyError as e:
-            if skip_invalid:
-                continue
-            raise SFTError(f"{where}: missing key {e.args[0]!r} for format {format}") from None
-        except SFTError:
-            if skip_invalid:
-                continue
-            raise
-        out.append(conv)
-    return out
+    return [conv for _, conv in iter_conversations(path, format, paths=paths, lang=lang, keep_unreviewed=keep_unreviewed,
+                                                   skip_invalid=skip_invalid, parse_first=True)]
 
 
 def record_texts(record: dict, where: str = "record") -> list[str]:

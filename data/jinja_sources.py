@@ -23,6 +23,8 @@ KNOWN_JINJA = {
 }
 
 # meta-llama/Llama-3.1-8B-Instruct and meta-llama/Llama-3.3-70B-Instruct (the two files are identical): meta-llama-Llama-3.1-8B-Instruct.jinja
+# Mistral-7B-Instruct-v0.2's template as released (tokenizer_config.json of the tiny-random-mistral folder)
+KNOWN_JINJA['mistral-legacy'] = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 KNOWN_JINJA['llama3.1'] = r"""{{- bos_token }}
 {%- if custom_tools is defined %}
     {%- set tools = custom_tools %}

@@ -44,13 +44,18 @@ across the boundary: "...:\\n" + "Sure" may tokenize unlike "...:\\nSure"). The 
 token sequences it never sees at inference. So we tokenize the *whole* rendered text once, and
 find each segment boundary by tokenizing the text up to it: those tokens must be a prefix of the
 full tokens. If a boundary falls inside a token the sample is rejected with a message that names
-it (TokenBoundaryError), never silently mislabelled.
+it (TokenBoundaryError), never silently mislabelled. Re-tokenizing a growing prefix at every
+boundary costs (turns x length); instead each segment but the longest is tokenized once, on its
+own (as the continuation of a text), and the segment tokens joined from the start (or from the
+end) must equal the full tokens there, which proves that no token spans the boundary. Only where
+that fails is the exact prefix tokenized, and the check above decides.
 
 Truncation keeps the first `max_len` tokens; a sample left with no trainable token (e.g. a long
 prompt) is dropped -- `tokenize_conversation` returns None and `tokenize_dataset` counts it.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -58,6 +63,7 @@ from data.conversation import Part, Segments, tools_of
 from data.templates import render, render_segments
 from model.errors import SFTError
 from model.loss import IGNORE_INDEX
+from model.tokenizer import Tokenizer
 
 Strategy = Literal["train_on_assistant", "train_on_last", "train_on_all"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -130,12 +136,25 @@ def sample_segments(template_name: str, messages: list[dict], strategy: Strategy
     return samples[::-1]  # in conversation order
 
 
+def _own_tokens(tokenizer, text: str, first: bool) -> list[int]:
+    """The tokens of one segment alone; after the first, as the continuation of a text (no
+    SentencePiece dummy prefix: our Tokenizer knows at_start, the test tokenizers have none)."""
+    if first or not isinstance(tokenizer, Tokenizer):
+        return tokenizer.encode(text, bos=False, eos=False)
+    return tokenizer.encode(text, bos=False, eos=False, at_start=False)
+
+
 def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], where: str = "sample") -> tuple[list[int], list[bool]]:
     """Tokens of the joined text, and for each token whether it is trainable.
 
     `segments` are (text, trainable) pairs. Raises TokenBoundaryError when the tokens of a prefix
     ending at a boundary between trained and untrained text are not a prefix of the tokens of
     the full text.
+
+    Each boundary is found without tokenizing the text up to it: the segments before the longest
+    one are tokenized alone and joined from the start, those after it from the end; where the
+    joined tokens equal the full tokens there, no token spans the boundary. Only where they
+    differ is the prefix tokenized whole and checked (the longest segment is never tokenized alone).
     """
     merged: list[tuple[str, bool]] = []  # neighbours with the same flag joined: fewer boundaries, same labels
     for text, flag in segments:
@@ -145,21 +164,38 @@ def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], where: str = 
             merged.append((text, flag))
     full = "".join(t for t, _ in merged)
     ids = tokenizer.encode(full, bos=False, eos=False)
+    cuts = list(itertools.accumulate(len(t) for t, _ in merged))[:-1]  # characters before boundary k
+
+    def exact(k: int) -> int:  # tokens before boundary k: the prefix tokenized whole must be a prefix
+        prefix = tokenizer.encode(full[:cuts[k]], bos=False, eos=False)
+        if ids[:len(prefix)] != prefix:
+            raise boundary_error(k)
+        return len(prefix)
+
+    def boundary_error(k: int) -> TokenBoundaryError:
+        return TokenBoundaryError(
+            f"{where}: the tokens of the text before {full[cuts[k]:cuts[k] + 20]!r} are not a prefix "
+            f"of the tokens of the whole sample (a token spans the prompt/response boundary); "
+            f"the labels would be wrong, so this sample is rejected")
+
+    widest = max(range(len(merged)), key=lambda k: len(merged[k][0]))
+    ends = [0] * len(cuts)  # tokens before boundary k
+    at = 0
+    for k in range(widest):  # from the start: boundary k ends segment k
+        own = _own_tokens(tokenizer, merged[k][0], first=k == 0)
+        at = at + len(own) if ids[at:at + len(own)] == own else exact(k)
+        ends[k] = at
+    at = len(ids)
+    for k in range(len(merged) - 1, widest, -1):  # from the end: boundary k - 1 starts segment k
+        own = _own_tokens(tokenizer, merged[k][0], first=False)
+        at = at - len(own) if len(own) <= at and ids[at - len(own):at] == own else exact(k - 1)
+        ends[k - 1] = at
     flags: list[bool] = []
-    end_char = 0
-    for k, (text, flag) in enumerate(merged):
-        end_char += len(text)
-        if k == len(merged) - 1:
-            end_tok = len(ids)
-        else:
-            prefix = tokenizer.encode(full[:end_char], bos=False, eos=False)
-            end_tok = len(prefix)
-            if ids[:end_tok] != prefix or end_tok < len(flags):
-                raise TokenBoundaryError(
-                    f"{where}: the tokens of the text before {full[end_char:end_char + 20]!r} are not a prefix "
-                    f"of the tokens of the whole sample (a token spans the prompt/response boundary); "
-                    f"the labels would be wrong, so this sample is rejected")
-        flags += [flag] * (end_tok - len(flags))
+    for k, (_, flag) in enumerate(merged):
+        end = ends[k] if k < len(cuts) else len(ids)
+        if end < len(flags):
+            raise boundary_error(k)
+        flags += [flag] * (end - len(flags))
     return ids, flags
 
 

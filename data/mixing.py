@@ -12,7 +12,9 @@ round(p_i * total) samples (largest remainder, so the counts add up exactly): wh
 the source when it is up-sampled, plus a random subset without repeats for the remainder.
 Everything draws from one `random.Random(seed)` per source, seeded from (seed, source name),
 so a mixture is the same on every run and machine, and adding a source does not change which
-samples the others contribute. The report says, per source, how many samples and tokens were
+samples the others contribute. `mixture_take` gives those choices as indices (what a run needs:
+the samples themselves stay in their memory-mapped arrays); `mix` applies them to lists. With
+one source and no weights the mixture is the source itself, in its own order. The report says, per source, how many samples and tokens were
 taken (and how many of the tokens are trained on) -- token shares, not sample shares, are what
 the loss actually sees.
 """
@@ -53,13 +55,24 @@ def _counts(probs: dict[str, float], total: int) -> dict[str, int]:
     return counts
 
 
-def _draw(items: list, n: int, rng: random.Random) -> list:
-    """n items: whole shuffled passes, then a random subset without repeats."""
-    out = []
-    while n >= len(items) > 0:
-        out += rng.sample(items, len(items))
-        n -= len(items)
-    return out + rng.sample(items, n)
+def take(n_available: int, count: int, rng: random.Random) -> list[int]:
+    """`count` indices into n_available items: whole passes in order, then a random subset
+    without repeats (in index order)."""
+    passes, rest = divmod(count, n_available) if n_available else (0, count)
+    return list(range(n_available)) * passes + sorted(rng.sample(range(n_available), rest))
+
+
+def mixture_take(sizes: dict[str, int], weights: dict[str, float] | None = None, temperature: float | None = None,
+                 total: int | None = None, seed: int = 0) -> tuple[dict[str, list[int]], dict[str, float]]:
+    """For each source, the indices of the samples it contributes; and each source's p_i."""
+    probs = mixture_probabilities(sizes, weights, temperature)
+    counts = _counts(probs, sum(sizes.values()) if total is None else int(total))
+    taken = {}
+    for name, n in sizes.items():
+        if counts[name] and not n:
+            raise SFTError(f"mixing source {name!r} is empty but has probability {probs[name]:.3f}")
+        taken[name] = take(n, counts[name], random.Random(zlib.crc32(f"{seed}:{name}".encode())))
+    return taken, probs
 
 
 def _tokens(sample) -> tuple[int, int]:
@@ -78,21 +91,15 @@ def mix(sources: dict[str, list], weights: dict[str, float] | None = None, tempe
     """
     if not sources:
         raise SFTError("mix() needs at least one source")
-    sizes = {k: len(v) for k, v in sources.items()}
-    probs = mixture_probabilities(sizes, weights, temperature)
-    total = sum(sizes.values()) if total is None else int(total)
-    counts = _counts(probs, total)
+    taken, probs = mixture_take({k: len(v) for k, v in sources.items()}, weights, temperature, total, seed)
     mixed, report = [], {}
     for name, items in sources.items():
-        if counts[name] and not items:
-            raise SFTError(f"mixing source {name!r} is empty but has probability {probs[name]:.3f}")
-        rng = random.Random(zlib.crc32(f"{seed}:{name}".encode()))
-        taken = _draw(items, counts[name], rng)
-        tok = [_tokens(s) for s in taken]
-        report[name] = {"available": sizes[name], "probability": probs[name], "samples": len(taken),
-                        "passes": len(taken) / max(sizes[name], 1), "tokens": sum(t for t, _ in tok),
+        chosen = [items[i] for i in taken[name]]
+        tok = [_tokens(s) for s in chosen]
+        report[name] = {"available": len(items), "probability": probs[name], "samples": len(chosen),
+                        "passes": len(chosen) / max(len(items), 1), "tokens": sum(t for t, _ in tok),
                         "trainable_tokens": sum(t for _, t in tok)}
-        mixed += taken
+        mixed += chosen
     random.Random(seed).shuffle(mixed)
     return mixed, report
 

@@ -17,15 +17,29 @@ vary from 20 to 2000 tokens). Packing puts several samples side by side in one r
 With the three fixes the packed loss equals the unpacked loss token for token (tested).
 
 Which samples share a row: best-fit decreasing. Sort samples longest first; put each into the
-open row whose free space is smallest but still large enough, or open a new row. It is simple,
-O(n log n) with a sorted list of free spaces, and typically leaves under a few percent of padding.
+open row whose free space is smallest but still large enough, or open a new row. It typically
+leaves under a few percent of padding. Finding that row must not cost a scan of all rows (a
+million samples make ~10^5 rows): rows are grouped by their free space, a sorted list holds the
+distinct free spaces (at most max_seq_len of them, whatever the number of samples) and a heap per
+space holds its rows, lowest index first. One sample costs a bisection and a heap operation, so
+packing is O(n log n) and its memory is a few integers per sample.
+
+At scale the rows are built from flat token arrays (data/pipeline.py, data/cache.py) rather than
+lists: `place` says where each sample goes (row, first column, number within the row) and
+`packed_rows` copies the samples there with numpy, block by block, so the rows cost their own
+(N, T) arrays and nothing per token in Python. Those arrays are compact (int32 tokens and labels,
+int16 or int32 positions and sample numbers); a micro-batch is widened to int64 as it is
+selected (training/step.py `to_device`). `pack` (lists in, lists out) runs the same functions.
 
 Shapes: a row is 4 lists of length max_seq_len; `collate(rows)` stacks them into (B, T) LongTensors.
 """
 from __future__ import annotations
 
 import bisect
+import heapq
+from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from model.errors import SFTError
@@ -34,25 +48,109 @@ from model.loss import IGNORE_INDEX
 PAD_SEQ_ID = -1
 
 
-def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Group sample indices into bins of total length <= capacity (best-fit decreasing)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (free space, bin index)
+class Placement(NamedTuple):
+    """Where each sample goes: row, first column and number within the row, (n,) arrays each."""
+    row: np.ndarray
+    col: np.ndarray
+    seq: np.ndarray
+    n_rows: int
+
+
+def place(lengths: Sequence[int], capacity: int) -> Placement:
+    """Best-fit decreasing: each sample, longest first (ties: lowest index), goes to the row with
+    the least free space that still holds it (the lowest-numbered such row), else to a new row."""
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        i = int(lengths.argmax())
+        raise SFTError(f"sample {i} has {lengths[i]} tokens, more than max_seq_len={capacity}; "
+                       "truncate it first (tokenize with max_len=max_seq_len)")
+    order = np.lexsort((np.arange(len(lengths)), -lengths)).tolist()
+    sizes = lengths.tolist()
+    row, col, seq = [0] * len(sizes), [0] * len(sizes), [0] * len(sizes)
+    members: list[int] = []              # samples per row so far
+    spaces: list[int] = []               # sorted distinct free spaces of the rows (<= capacity + 1 values)
+    holders: dict[int, list[int]] = {}   # free space -> heap of the rows that have exactly that space
+    bisect_left, insort, heappop, heappush = bisect.bisect_left, bisect.insort, heapq.heappop, heapq.heappush
     for i in order:
-        n = lengths[i]
-        if n > capacity:
-            raise SFTError(f"sample {i} has {n} tokens, more than max_seq_len={capacity}; "
-                           "truncate it first (tokenize with max_len=max_seq_len)")
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            space, b = free.pop(k)
+        n = sizes[i]
+        k = bisect_left(spaces, n)
+        if k < len(spaces):
+            space = spaces[k]
+            heap = holders[space]
+            r = heappop(heap)
+            if not heap:
+                del spaces[k], holders[space]
         else:
-            space, b = capacity, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        bisect.insort(free, (space - n, b))
+            space, r = capacity, len(members)
+            members.append(0)
+        row[i], col[i], seq[i] = r, capacity - space, members[r]
+        members[r] += 1
+        space -= n
+        if space in holders:
+            heappush(holders[space], r)
+        else:
+            insort(spaces, space)
+            holders[space] = [r]
+    return Placement(np.array(row, np.int64), np.array(col, np.int64), np.array(seq, np.int64), len(members))
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Sample indices grouped into rows of total length <= capacity (see `place`), each row's
+    samples in the order they were placed."""
+    where = place(lengths, capacity)
+    bins: list[list[int]] = [[] for _ in range(where.n_rows)]
+    for i in np.lexsort((where.seq, where.row)).tolist():
+        bins[where.row[i]].append(i)
     return bins
+
+
+def empty_rows(n_rows: int, capacity: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """(n_rows, capacity) arrays of padding, in the compact dtypes (see the module docstring)."""
+    small = np.int16 if capacity <= np.iinfo(np.int16).max else np.int32
+    shape = (n_rows, capacity)
+    return {"input_ids": np.full(shape, pad_id, np.int32), "labels": np.full(shape, IGNORE_INDEX, np.int32),
+            "position_ids": np.zeros(shape, small), "seq_ids": np.full(shape, PAD_SEQ_ID, small)}
+
+
+class Samples(NamedTuple):
+    """Samples stored end to end: sample i is tokens[starts[i]:starts[i] + lengths[i]], and
+    trained[...] says which of its tokens train."""
+    tokens: np.ndarray
+    trained: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
+def packed_rows(parts: list[Samples], capacity: int, pad_id: int = 0, block: int = 4096) -> dict[str, np.ndarray]:
+    """The samples of every part packed into (N, capacity) rows (best-fit decreasing).
+
+    A row's samples sit side by side from column 0 and its padding at the end, so in row-major
+    order the real positions of a block of rows are one boolean mask, and its tokens are the
+    samples' slices concatenated in (row, column) order: a few array operations per block.
+    """
+    lengths = np.concatenate([p.lengths for p in parts] or [np.zeros(0, np.int64)]).astype(np.int64)
+    part = np.repeat(np.arange(len(parts)), [len(p.lengths) for p in parts]).tolist()
+    starts = np.concatenate([p.starts for p in parts] or [np.zeros(0, np.int64)]).astype(np.int64)
+    where = place(lengths, capacity)
+    rows = empty_rows(where.n_rows, capacity, pad_id)
+    order = np.lexsort((where.col, where.row))  # row by row, left to right
+    filled = np.bincount(where.row, weights=lengths, minlength=where.n_rows).astype(np.int64)
+    bounds = np.searchsorted(where.row[order], np.arange(0, where.n_rows + block, block))
+    for r0, lo, hi in zip(range(0, where.n_rows, block), bounds[:-1], bounds[1:]):
+        sel = order[lo:hi]
+        n, first = lengths[sel], starts[sel].tolist()
+        pieces = [(parts[part[i]], a, a + k) for i, a, k in zip(sel.tolist(), first, n.tolist())]
+        ids = np.concatenate([p.tokens[a:b] for p, a, b in pieces])
+        labels = np.where(np.concatenate([p.trained[a:b] for p, a, b in pieces]), ids, IGNORE_INDEX)
+        begin = np.cumsum(n) - n                                  # where each sample starts in `ids`
+        labels[begin] = IGNORE_INDEX                              # a sample's first token: never predicted
+        r1 = r0 + len(filled[r0:r0 + block])
+        real = np.arange(capacity) < filled[r0:r1, None]         # (block, T) where the tokens go
+        rows["input_ids"][r0:r1][real] = ids
+        rows["labels"][r0:r1][real] = labels
+        rows["position_ids"][r0:r1][real] = np.arange(len(ids), dtype=np.int32) - np.repeat(begin.astype(np.int32), n)
+        rows["seq_ids"][r0:r1][real] = np.repeat(where.seq[sel], n)
+    return rows
 
 
 def _empty_row() -> dict[str, list[int]]:
@@ -80,14 +178,11 @@ def _pad(row: dict, length: int, pad_id: int) -> dict:
 
 def pack(samples: list[dict], max_seq_len: int, pad_id: int = 0) -> list[dict]:
     """Rows of `max_seq_len` tokens holding whole samples: input_ids, labels, position_ids, seq_ids."""
-    bins = best_fit_decreasing([len(s["input_ids"]) for s in samples], max_seq_len)
-    rows = []
-    for members in bins:
-        row = _empty_row()
-        for k, i in enumerate(members):
-            _append(row, samples[i], k, mask_first=True)
-        rows.append(_pad(row, max_seq_len, pad_id))
-    return rows
+    lengths = np.array([len(s["input_ids"]) for s in samples], np.int64)
+    tokens = np.array([i for s in samples for i in s["input_ids"]], np.int64)
+    trained = np.array([l != IGNORE_INDEX for s in samples for l in s["labels"]], bool)
+    rows = packed_rows([Samples(tokens, trained, np.cumsum(lengths) - lengths, lengths)], max_seq_len, pad_id)
+    return [{k: rows[k][r].tolist() for k in rows} for r in range(len(rows["input_ids"]))]
 
 
 def pad_rows(samples: list[dict], pad_id: int = 0, length: int | None = None) -> list[dict]:

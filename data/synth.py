@@ -1,9 +1,17 @@
-"""Synthetic instruction data from a teacher: self-instruct, Evol-Instruct, constrained answers.
+"""Synthetic instruction data from a teacher: self-instruct, Evol-Instruct, constrained answers,
+and answers with reasoning and tool calls.
 
-All three loops append one JSON line per accepted example to an output file and, on start, read
-back what is already there, so an interrupted run resumes where it stopped (the teacher cache
-also makes repeated questions free). A teacher answer that cannot be parsed is *counted* in
-`stats["malformed"]`, never fatal: weak teachers produce many.
+    python -m data.synth --config configs/synth_example.toml [key=value ...]
+
+The config is typed like a training config (model/options.py): `output_dir`, a `[teacher]`
+table (data/teacher.py) and one table per loop; a loop runs when its input is set
+(`self_instruct.seed_path`, `evol.input`, `constrained.input`, `answers.input`). `--help` lists
+every option with its default and range.
+
+Every loop appends one JSON line per accepted example to `<output_dir>/<loop>.jsonl` and, on
+start, reads back what is already there, so an interrupted run resumes where it stopped (the
+teacher cache also makes repeated questions free). A teacher answer that cannot be parsed is
+*counted* in `stats["malformed"]`, never fatal: weak teachers produce many.
 
 * **Self-instruct** (Wang et al. 2022; Alpaca): show the teacher a few tasks from the pool
   (seed tasks at first), ask for a new one as `Instruction: / Input: / Output:`, and keep it
@@ -19,15 +27,38 @@ also makes repeated questions free). A teacher answer that cannot be parsed is *
 * **Constrained responses**: add IFEval-style verifiable instructions (data/constraints.py) to
   an instruction, sample up to `attempts` teacher answers and keep the first one that passes
   every checker (rejection sampling). The record keeps `instruction_id_list` and `kwargs`.
+* **Answers** (distillation): the teacher writes the last assistant turn of existing
+  conversations again, offered function schemas (`answers.tools`, or each conversation's own).
+  Its reasoning and tool calls are kept, and each record is written in the OpenAI messages
+  layout that data.formats reads back:
+      {"messages": [..., {"role": "assistant", "content": "...", "reasoning_content": "...",
+                          "tool_calls": [{"id", "type": "function",
+                                          "function": {"name", "arguments": "<JSON string>"}}]}],
+       "tools": [...], "source": "answers", "parent_index": i}
+
+The first three write Alpaca records (`instruction`, `input`, `output`); an answer that came with
+reasoning keeps it in `output` as a leading `<think>...</think>` block, which every loader splits
+back into the reasoning.
 """
 from __future__ import annotations
 
+import argparse
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from data.constraints import INSTRUCTION_IDS, LANGUAGE_NAMES, check_instruction, describe_instruction
-from model.files import append_jsonl, read_jsonl
+from data.conversation import Conversation
+from data.formats import load_conversations, read_records
+from data.formats_tools import parse_tools
+from data.teacher import Completion, TeacherConfig, check_teacher, teacher_from_config, to_openai_messages
+from model.cli import run_cli
+from model.errors import SFTError
+from model.files import append_jsonl, read_json, read_jsonl
+from model.options import help_text, load_options, opt
 
 # ----------------------------------------------------------------------------- ROUGE-L
 
@@ -53,7 +84,7 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
-# ---------------------------------------------------------------------------- JSONL I/O
+# ------------------------------------------------------------------------------ prompts
 
 def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
@@ -97,25 +128,49 @@ def _reject_instruction(inst: str) -> str | None:
     return None
 
 
-def self_instruct(teacher, seed_path: str, out_path: str, num_instructions: int = 20,
-                  num_examples: int = 3, rouge_threshold: float = 0.7, batch_size: int = 4,
-                  max_rounds: int = 50, temperature: float = 0.7, max_tokens: int = 256,
-                  seed: int = 0) -> dict:
-    seeds = [{"instruction": t["instruction"], "input": t["instances"][0]["input"],
-              "output": t["instances"][0]["output"]} for t in read_jsonl(seed_path, "seed tasks file")]
+@dataclass
+class SelfInstructOptions:
+    seed_path: str = opt("", "seed tasks (Stanford's alpaca_seed_tasks.jsonl layout); set it to run this loop")
+    num_instructions: int = opt(20, "stop when the output holds this many tasks", ge=1)
+    num_examples: int = opt(3, "tasks shown to the teacher per request (the last one a new one)", ge=1)
+    rouge_threshold: float = opt(0.7, "keep a task only if its ROUGE-L F1 to every known task is below this",
+                                 gt=0, le=1)
+    batch_size: int = opt(4, "requests per round", ge=1)
+    max_rounds: int = opt(50, "give up after this many rounds", ge=1)
+    temperature: float = opt(0.7, "sampling temperature", ge=0)
+    max_tokens: int = opt(256, "tokens per teacher answer", ge=1)
+    seed: int = opt(0, "seed for choosing the example tasks", ge=0)
+
+
+def read_seed_tasks(path: str | Path) -> list[dict]:
+    """Stanford's seed tasks ({"instruction", "instances": [{"input", "output"}, ...]}) as tasks."""
+    rows = read_jsonl(path, "seed tasks file")
+    for n, t in enumerate(rows, 1):
+        if not (isinstance(t.get("instruction"), str) and isinstance(t.get("instances"), list) and t["instances"]
+                and isinstance(t["instances"][0], dict)):
+            raise SFTError(f"{path}:{n}: a seed task is {{\"instruction\": str, \"instances\": [{{\"input\", \"output\"}}]}}")
+    return [{"instruction": t["instruction"], "input": t["instances"][0].get("input", ""),
+             "output": t["instances"][0].get("output", "")} for t in rows]
+
+
+def self_instruct(teacher, seeds: list[dict], out_path: str, opts: SelfInstructOptions | None = None) -> dict:
+    """Ask for new tasks until `num_instructions` novel ones are in `out_path` (or rounds run out)."""
+    o = opts or SelfInstructOptions()
     made = read_jsonl(out_path, "synthesis output", resumable=True)
     pool = [t["instruction"] for t in seeds + made]
     stats = {"resumed": len(made), "accepted": 0, "malformed": 0, "not_novel": 0, "filtered": 0, "asked": 0}
-    rng = random.Random(seed + len(made))
-    for _ in range(max_rounds):
-        if len(made) >= num_instructions:
+    rng = random.Random(o.seed + len(made))
+    bar = tqdm(total=o.num_instructions, initial=min(len(made), o.num_instructions), desc="self-instruct",
+               unit="task", disable=None)
+    for _ in range(o.max_rounds):
+        if len(made) >= o.num_instructions:
             break
         chats = []
-        for _ in range(batch_size):
-            shots = rng.sample(seeds, min(num_examples - 1, len(seeds))) + rng.sample(made or seeds, 1)
+        for _ in range(o.batch_size):
+            shots = rng.sample(seeds, min(o.num_examples - 1, len(seeds))) + rng.sample(made or seeds, 1)
             examples = "".join(_format_task(i + 1, t) for i, t in enumerate(shots))
             chats.append(_user(SELF_INSTRUCT_PROMPT.format(examples=examples, n=len(shots) + 1)))
-        answers = teacher.complete_many(chats, max_tokens=max_tokens, temperature=temperature)
+        answers = teacher.complete_many(chats, max_tokens=o.max_tokens, temperature=o.temperature)
         stats["asked"] += len(chats)
         for text in answers:
             task = parse_task(text)
@@ -126,7 +181,7 @@ def self_instruct(teacher, seed_path: str, out_path: str, num_instructions: int 
                 stats["filtered"] += 1
                 continue
             best = max((rouge_l(task["instruction"], p) for p in pool), default=0.0)
-            if best >= rouge_threshold:
+            if best >= o.rouge_threshold:
                 stats["not_novel"] += 1
                 continue
             row = dict(task, source="self_instruct", max_rouge_l=round(best, 3))
@@ -134,8 +189,11 @@ def self_instruct(teacher, seed_path: str, out_path: str, num_instructions: int 
             made.append(row)
             pool.append(task["instruction"])
             stats["accepted"] += 1
-            if len(made) >= num_instructions:
+            bar.update(1)
+            if len(made) >= o.num_instructions:
                 break
+        bar.set_postfix(asked=stats["asked"], refused=stats["asked"] - stats["accepted"])
+    bar.close()
     return stats
 
 
@@ -160,6 +218,16 @@ BREADTH_PROMPT = ("I want you to act as a Prompt Creator. Draw inspiration from 
 _STOPWORDS = set("a an the of to and or in on is are be it that this i you he she we they".split())
 
 
+@dataclass
+class EvolOptions:
+    input: str = opt("", "Alpaca records whose instructions evolve; set it to run this loop")
+    limit: int = opt(0, "use the first N records (0: all)", ge=0)
+    methods: list[str] = opt([], "draw from these methods (empty: all): " + ", ".join([*EVOL_METHODS, "breadth"]))
+    temperature: float = opt(0.7, "sampling temperature", ge=0)
+    max_tokens: int = opt(256, "tokens per teacher answer", ge=1)
+    seed: int = opt(0, "seed for choosing each record's method", ge=0)
+
+
 def evol_prompt(method: str, instruction: str) -> str:
     if method == "breadth":
         return BREADTH_PROMPT.format(prompt=instruction)
@@ -181,33 +249,54 @@ def eliminate(parent: str, evolved: str, response: str) -> str | None:
     return None
 
 
-def evol_instruct(teacher, records: list[dict], out_path: str, methods: list[str] | None = None,
-                  temperature: float = 0.7, max_tokens: int = 256, seed: int = 0) -> dict:
-    methods = methods or list(EVOL_METHODS) + ["breadth"]
+def _answer_text(c: Completion) -> str:
+    """An Alpaca `output`: the answer, after its thinking as a <think> block when there is one
+    (every loader splits that block back into the reasoning, see data/formats.py)."""
+    return f"<think>\n{c.reasoning}\n</think>\n\n{c.content}" if c.reasoning else c.content
+
+
+def evol_instruct(teacher, records: list[dict], out_path: str, opts: EvolOptions | None = None) -> dict:
+    """Evolve each record's instruction once, answer it, keep the pair unless eliminated."""
+    o = opts or EvolOptions()
+    methods = o.methods or list(EVOL_METHODS) + ["breadth"]
     done = {row["parent_index"] for row in read_jsonl(out_path, "synthesis output", resumable=True)}
     stats = {"resumed": len(done), "accepted": 0, "eliminated": 0, "malformed": 0}
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(tqdm(records, desc="evol-instruct", unit="record", disable=None)):
         if i in done:
             continue
-        method = random.Random(seed * 100003 + i).choice(methods)
+        method = random.Random(o.seed * 100003 + i).choice(methods)
         parent = rec["instruction"] + ("\n\n" + rec["input"] if rec.get("input") else "")
-        evolved = teacher.complete(_user(evol_prompt(method, parent)), max_tokens, temperature).strip()
+        evolved = teacher.complete(_user(evol_prompt(method, parent)), o.max_tokens, o.temperature).strip()
         if not evolved:
             stats["malformed"] += 1
             continue
-        response = teacher.complete(_user(evolved), max_tokens, temperature)
-        why = eliminate(parent, evolved, response)
+        answer = teacher.completions([_user(evolved)], o.max_tokens, o.temperature)[0]
+        if answer.tool_calls or answer.problem:  # no tools were offered: a call is not an answer
+            stats["malformed"] += 1
+            continue
+        why = eliminate(parent, evolved, answer.content)
         if why:
             stats["eliminated"] += 1
             stats[why] = stats.get(why, 0) + 1
             continue
-        append_jsonl(out_path, {"instruction": evolved, "input": "", "output": response,
+        append_jsonl(out_path, {"instruction": evolved, "input": "", "output": _answer_text(answer),
                                 "source": "evol_instruct", "evol_method": method, "parent_index": i})
         stats["accepted"] += 1
     return stats
 
 
 # ------------------------------------------------------------------ constrained answers
+
+@dataclass
+class ConstrainedOptions:
+    input: str = opt("", "Alpaca records to constrain and answer; set it to run this loop")
+    limit: int = opt(0, "use the first N records (0: all)", ge=0)
+    constraints_per_prompt: int = opt(1, "verifiable instructions added to each prompt", ge=1)
+    attempts: int = opt(4, "answers sampled per prompt before giving up", ge=1)
+    temperature: float = opt(0.8, "sampling temperature", ge=0)
+    max_tokens: int = opt(256, "tokens per teacher answer", ge=1)
+    seed: int = opt(0, "seed for choosing the constraints", ge=0)
+
 
 def sample_constraint(rng: random.Random, instruction: str) -> tuple[str, dict]:
     """A random IFEval instruction id with plausible kwargs."""
@@ -236,23 +325,26 @@ def sample_constraint(rng: random.Random, instruction: str) -> tuple[str, dict]:
     return iid, kw
 
 
-def constrained_responses(teacher, records: list[dict], out_path: str, constraints_per_prompt: int = 1,
-                          attempts: int = 4, temperature: float = 0.8, max_tokens: int = 256,
-                          seed: int = 0) -> dict:
+def constrained_responses(teacher, records: list[dict], out_path: str,
+                          opts: ConstrainedOptions | None = None) -> dict:
+    """Add verifiable constraints to each instruction; keep the first answer that passes them all."""
+    o = opts or ConstrainedOptions()
     done = {row["parent_index"] for row in read_jsonl(out_path, "synthesis output", resumable=True)}
     stats = {"resumed": len(done), "accepted": 0, "no_passing_answer": 0, "answers_rejected": 0}
-    for i, rec in enumerate(records):
+    bar = tqdm(records, desc="constrained", unit="record", disable=None)
+    for i, rec in enumerate(bar):
         if i in done:
             continue
-        rng = random.Random(seed * 100003 + i)
+        rng = random.Random(o.seed * 100003 + i)
         base = rec["instruction"] + ("\n\n" + rec["input"] if rec.get("input") else "")
-        picked = [sample_constraint(rng, base) for _ in range(constraints_per_prompt)]
+        picked = [sample_constraint(rng, base) for _ in range(o.constraints_per_prompt)]
         prompt = base + " " + " ".join(describe_instruction(iid, kw) for iid, kw in picked)
-        for k in range(attempts):
+        for k in range(o.attempts):
             # a trailing newline per retry changes the cache key, so each attempt is a new sample
-            answer = teacher.complete(_user(prompt + "\n" * k), max_tokens, temperature)
-            if all(check_instruction(iid, kw, answer, prompt) for iid, kw in picked):
-                append_jsonl(out_path, {"instruction": prompt, "input": "", "output": answer,
+            answer = teacher.completions([_user(prompt + "\n" * k)], o.max_tokens, o.temperature)[0]
+            text_only = not (answer.tool_calls or answer.problem)
+            if text_only and all(check_instruction(iid, kw, answer.content, prompt) for iid, kw in picked):
+                append_jsonl(out_path, {"instruction": prompt, "input": "", "output": _answer_text(answer),
                                         "instruction_id_list": [p[0] for p in picked],
                                         "kwargs": [p[1] for p in picked], "source": "constrained",
                                         "parent_index": i, "attempts": k + 1})
@@ -261,56 +353,136 @@ def constrained_responses(teacher, records: list[dict], out_path: str, constrain
             stats["answers_rejected"] += 1
         else:
             stats["no_passing_answer"] += 1
+        bar.set_postfix(accepted=stats["accepted"], rejected_answers=stats["answers_rejected"])
+    return stats
+
+
+# ------------------------------------------------------------ answers (distillation, tool calls)
+
+@dataclass
+class AnswersOptions:
+    input: str = opt("", "conversations (any format data.formats reads) whose last assistant turn the "
+                     "teacher writes again; set it to run this loop")
+    limit: int = opt(0, "use the first N conversations (0: all)", ge=0)
+    tools: str = opt("", "JSON file with a list of function schemas offered with every prompt "
+                     "(empty: each conversation's own tools)")
+    batch_size: int = opt(8, "prompts per teacher request batch", ge=1)
+    temperature: float = opt(0.7, "sampling temperature", ge=0)
+    max_tokens: int = opt(512, "tokens per teacher answer", ge=1)
+
+
+def answer_conversations(teacher, conversations: list[Conversation], out_path: str,
+                         opts: AnswersOptions | None = None, tools: list[dict] | None = None) -> dict:
+    """The teacher writes the last assistant turn of each conversation again (its answer text,
+    reasoning and tool calls), offered `tools` or else the conversation's own; each kept answer is
+    one OpenAI-layout record {"messages", "tools", "source", "parent_index"}."""
+    o = opts or AnswersOptions()
+    done = {row["parent_index"] for row in read_jsonl(out_path, "synthesis output", resumable=True)}
+    stats = {"resumed": len(done), "accepted": 0, "malformed": 0, "with_tool_calls": 0, "with_reasoning": 0}
+    todo = [i for i in range(len(conversations)) if i not in done]
+    bar = tqdm(total=len(todo), desc="answers", unit="answer", disable=None)
+    for start in range(0, len(todo), o.batch_size):
+        chunk = todo[start:start + o.batch_size]
+        prompts = [Conversation(conversations[i][:-1], tools or conversations[i].tools) for i in chunk]
+        for i, prompt, answer in zip(chunk, prompts, teacher.completions(prompts, o.max_tokens, o.temperature)):
+            if answer.problem or not (answer.content.strip() or answer.tool_calls):
+                stats["malformed"] += 1
+                continue
+            record = {"messages": to_openai_messages(prompt + [answer.message()])}
+            if prompt.tools:
+                record["tools"] = prompt.tools
+            append_jsonl(out_path, {**record, "source": "answers", "parent_index": i})
+            stats["accepted"] += 1
+            stats["with_tool_calls"] += bool(answer.tool_calls)
+            stats["with_reasoning"] += answer.reasoning is not None
+        bar.update(len(chunk))
+        bar.set_postfix(accepted=stats["accepted"], malformed=stats["malformed"])
+    bar.close()
     return stats
 
 
 # ----------------------------------------------------------------------------------- CLI
 
-def run(config_path: str) -> dict:
-    """`python -m data.synth --config FILE.toml`: run each of [self_instruct], [evol], [constrained]."""
-    import tomllib
+@dataclass
+class SynthConfig:
+    output_dir: str = opt("", "folder for <loop>.jsonl and teacher_cache.jsonl (required)")
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    self_instruct: SelfInstructOptions = field(default_factory=SelfInstructOptions)
+    evol: EvolOptions = field(default_factory=EvolOptions)
+    constrained: ConstrainedOptions = field(default_factory=ConstrainedOptions)
+    answers: AnswersOptions = field(default_factory=AnswersOptions)
 
-    from data.filters import read_records
-    from data.teacher import teacher_from_config
-    from model.errors import SFTError
-    from model.files import read_text
-    try:
-        cfg = tomllib.loads(read_text(config_path, "synthesis config (TOML)"))
-    except tomllib.TOMLDecodeError as e:
-        raise SFTError(f"{config_path}: invalid TOML ({e})") from None
-    if "teacher" not in cfg or "output_dir" not in cfg:
-        raise SFTError(f"{config_path}: needs output_dir and a [teacher] table")
-    out = Path(cfg["output_dir"])
-    teacher = teacher_from_config(cfg["teacher"], cache_path=str(out / "teacher_cache.jsonl"))
+
+LOOP_INPUT = {"self_instruct": "seed_path", "evol": "input", "constrained": "input", "answers": "input"}
+
+
+def load_synth_config(path: str | None, overrides: list[str] = ()) -> SynthConfig:
+    """Defaults < the TOML file < `key=value` overrides, every value checked (model/options.py);
+    then what a type cannot say: a teacher, an output folder, and an input for each loop used."""
+    cfg = load_options(SynthConfig, path, overrides)
+    where = str(path) if path else "command line"
+    if not cfg.output_dir:
+        raise SFTError(f"{where}: set output_dir = \"<folder>\" (where the synthesised files go)")
+    check_teacher(cfg.teacher, where)
+    for name, key in LOOP_INPUT.items():
+        section = getattr(cfg, name)
+        if not getattr(section, key) and section != type(section)():
+            raise SFTError(f"{where}: [{name}] sets options but no {key}: set {name}.{key} to run it, "
+                           "or remove the table")
+    if not any(getattr(getattr(cfg, name), key) for name, key in LOOP_INPUT.items()):
+        raise SFTError(f"{where}: nothing to do: set " + " or ".join(f"{n}.{k}" for n, k in LOOP_INPUT.items()))
+    known = [*EVOL_METHODS, "breadth"]
+    for m in cfg.evol.methods:
+        if m not in known:
+            raise SFTError(f"{where}: 'evol.methods' has {m!r}; known: {', '.join(known)}")
+    return cfg
+
+
+def _instructions(path: str, limit: int) -> list[dict]:
+    """The first `limit` records (0: all) of an Alpaca file, each checked to hold an instruction."""
+    records = read_records(path)[:limit or None]
+    for where, r in records:
+        if not isinstance(r.get("instruction"), str) or not isinstance(r.get("input", ""), (str, type(None))):
+            raise SFTError(f"{where}: expected an Alpaca record with a string 'instruction' (and 'input')")
+    return [r for _, r in records]
+
+
+def run(cfg: SynthConfig) -> dict:
+    """Run each loop whose input is set (every input is read before the teacher starts)."""
+    inputs = {}
+    if cfg.self_instruct.seed_path:
+        inputs["self_instruct"] = read_seed_tasks(cfg.self_instruct.seed_path)
+    for name in ("evol", "constrained"):
+        if getattr(cfg, name).input:
+            inputs[name] = _instructions(getattr(cfg, name).input, getattr(cfg, name).limit)
+    tools = None
+    if cfg.answers.input:
+        inputs["answers"] = load_conversations(cfg.answers.input)[:cfg.answers.limit or None]
+        if cfg.answers.tools:
+            tools = parse_tools(read_json(cfg.answers.tools, "tools file"), cfg.answers.tools)
+    out = Path(cfg.output_dir)
+    teacher = teacher_from_config(cfg.teacher, cache_path=out / "teacher_cache.jsonl")
+    loops = {"self_instruct": self_instruct, "evol": evol_instruct, "constrained": constrained_responses,
+             "answers": lambda *args: answer_conversations(*args, tools=tools)}
     results = {}
-    loops = {"self_instruct": self_instruct, "evol": evol_instruct, "constrained": constrained_responses}
-    for name, fn in loops.items():
-        if name not in cfg:
-            continue
-        opts = dict(cfg[name])
-        if name != "self_instruct":
-            if "input" not in opts:
-                raise SFTError(f"{config_path} [{name}]: needs input = <Alpaca-format file>")
-            records = read_records(opts.pop("input"))[: opts.pop("limit", None)]
-            opts["records"] = records
-        try:
-            results[name] = fn(teacher, out_path=str(out / f"{name}.jsonl"), **opts)
-        except TypeError as e:
-            raise SFTError(f"{config_path} [{name}]: {e}") from None
+    for name, data in inputs.items():
+        results[name] = loops[name](teacher, data, str(out / f"{name}.jsonl"), getattr(cfg, name))
         print(f"{name:<14}" + "  ".join(f"{k}={v}" for k, v in results[name].items()))
     print(f"teacher requests sent: {teacher.calls} (the rest came from the cache)")
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from model.cli import run_cli
-    ap = argparse.ArgumentParser(description="synthesise instruction data with a teacher")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--debug", action="store_true", help="show the traceback of an input error")
-    args = ap.parse_args(argv)
-    return run_cli(lambda: run(args.config), args.debug)
+    p = argparse.ArgumentParser(
+        prog="python -m data.synth", description="Synthesise instruction data with a teacher.",
+        usage="python -m data.synth --config FILE.toml [key=value ...] [--debug]",
+        epilog="options (key, default, meaning):\n" + help_text(SynthConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML file with output_dir, [teacher] and a table per loop")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    p.add_argument("overrides", nargs="*", help="key=value or section.key=value, applied after the file")
+    args = p.parse_args(argv)
+    return run_cli(lambda: run(load_synth_config(args.config, args.overrides)), args.debug)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,11 @@ BOS/EOS strings are part of the text, exactly where the Jinja template writes `b
 the tokenizer does not know.
 
 System messages: every family here accepts one (Llama-2 and Mistral fold it into the first user
-turn, Vicuna and Alpaca put it first, the others give it its own header). The older
-Mistral-7B-Instruct-v0.1 template rejects it ("Only user and assistant roles are supported!");
-its text also differs from ours (`[INST]` without the leading space), so it is not mapped to
-"mistral" (tests/parity/ shows both).
+turn, Vicuna and Alpaca put it first, the others give it its own header) except mistral-legacy,
+the Mistral-7B-Instruct-v0.2 template as released, whose Jinja raises on one: we refuse it by name.
+The older Mistral-7B-Instruct-v0.1 template also rejects it ("Only user and assistant roles are
+supported!"); its text differs from ours (`[INST]` without the leading space, a space after EOS),
+so it is not mapped to any name (tests/parity/ shows it).
 
 Conversations are validated the same way for every family (data.conversation.validate_conversation:
 an optional leading system message, then user/assistant alternating from the user, tool results
@@ -65,6 +66,7 @@ FAMILY_TOKENS = {
     "llama2": ("<s>", "</s>"),
     "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
     "mistral": ("<s>", "</s>"),
+    "mistral-legacy": ("<s>", "</s>"),
     "zephyr": ("<s>", "</s>"),
     "vicuna": ("<s>", "</s>"),
     "llama3.1": ("<|begin_of_text|>", "<|eot_id|>"),
@@ -148,6 +150,22 @@ def _mistral(messages, gen, o: RenderOptions) -> Segments:
     return segs
 
 
+def _mistral_legacy(messages, gen, o: RenderOptions) -> Segments:
+    """Mistral-7B-Instruct-v0.2 as released: BOS once, `[INST] q [/INST]a</s>`, no space before
+    the answer, no strip, no system message (its Jinja raises on one), no generation prompt."""
+    system, turns = split_system(messages)
+    if system is not None:
+        raise SFTError(f"{o.where}: template 'mistral-legacy' has no system message (its Jinja raises on "
+                       "one); use 'mistral' or drop the system message")
+    segs = [(o.bos, C)]
+    for m in turns:
+        if m["role"] == "user":
+            segs.append(("[INST] " + m["content"] + " [/INST]", C))
+        else:
+            segs.append((m["content"] + o.eos, A))
+    return segs
+
+
 def _zephyr(messages, gen, o: RenderOptions) -> Segments:
     """zephyr-7b-beta / TinyLlama-Chat: `<|role|>\\ncontent</s>\\n`, no strip, no BOS in the text."""
     segs = []
@@ -176,7 +194,8 @@ def _vicuna(messages, gen, o: RenderOptions) -> Segments:
 
 
 TEMPLATES = {"alpaca": _alpaca, "chatml": _chatml, "llama2": _llama2, "llama3": _llama3,
-             "mistral": _mistral, "zephyr": _zephyr, "vicuna": _vicuna, **TOOL_FAMILIES}
+             "mistral": _mistral, "mistral-legacy": _mistral_legacy, "zephyr": _zephyr, "vicuna": _vicuna,
+             **TOOL_FAMILIES}
 # Llama-2 and Mistral templates have no generation prompt: their prompt already ends with [/INST].
 STOP_STRINGS = {"chatml": ["<|im_end|>"], "llama3": ["<|eot_id|>"], **TOOL_FAMILY_STOPS}
 
@@ -344,30 +363,32 @@ def normalize_jinja(source: str) -> str:
 _KNOWN_NORMALIZED = {normalize_jinja(src): name for name, src in KNOWN_JINJA.items()}
 
 
-def template_from_tokenizer_config(config: dict | str | Path) -> str:
+def template_from_tokenizer_config(config: dict | str | Path, option: str = "data.template") -> str:
     """The name of our template whose Jinja source equals the checkpoint's `chat_template`.
 
     `config` is a tokenizer_config.json dict or a model folder. Raises SFTError when the folder has
-    no chat template or its template is not one we reproduce byte for byte.
+    no chat template or its template is not one we reproduce byte for byte; the message says how
+    to name one with `option`, the way the calling tool spells it (`data.template`, `--template`).
     """
+    choose = f"{option}{'=' if '.' in option else ' '}NAME (one of {', '.join(TEMPLATES)})"
     source = "tokenizer_config.json"
     if not isinstance(config, dict):
         path = Path(config) / "tokenizer_config.json"
         source = str(path)
         if not path.is_file():
-            raise SFTError(f"{path}: not found; set template= in the config (one of {', '.join(TEMPLATES)})")
+            raise SFTError(f"{path}: not found; choose a template with {choose}")
         config = read_json(path, "tokenizer_config.json")
     jinja = config.get("chat_template")
     if isinstance(jinja, list):  # newer HF layout: [{"name": "default", "template": ...}, ...]
         jinja = next((t.get("template") for t in jinja if t.get("name") == "default"), None)
     if not jinja:
-        raise SFTError(f"{source}: has no chat_template (a base model?); set template= in the config "
-                       f"to one of {', '.join(TEMPLATES)} (alpaca is a good choice for a base model)")
+        raise SFTError(f"{source}: has no chat_template (a base model?); choose a template with {choose}; "
+                       "alpaca is a good choice for a base model")
     name = _KNOWN_NORMALIZED.get(normalize_jinja(jinja))
     if name:
         return name
     guess = next((fam for marker, fam in FAMILY_MARKERS if marker in jinja), None)
     hint = (f"it looks like the {guess} family but is not the {guess} template we reproduce byte for byte; "
             if guess else "")
-    raise SFTError(f"{source}: unknown chat_template ({hint}we do not run Jinja); set template= in the "
-                   f"config to one of {', '.join(TEMPLATES)} after checking it renders the same text")
+    raise SFTError(f"{source}: unknown chat_template ({hint}we do not run Jinja); choose a template with "
+                   f"{choose} after checking it renders the same text")

@@ -23,8 +23,8 @@ import torch
 from data.chat import Chat
 from evaluation.generation import EvalModel
 from evaluation.ifeval import evaluate_ifeval
-from evaluation.report import svg_bar_chart
 from model.files import atomic_write
+from model.svg import bar_chart
 
 
 def constraint_eval(model: torch.nn.Module, chat: Chat, items_path: str | Path, max_new_tokens: int,
@@ -51,10 +51,10 @@ def write_demo_report(base: dict, tuned: dict, run_dir: str | Path, seconds: flo
     run_dir = Path(run_dir)
     print(before_after_table(base, tuned))
     b, t = base["per_type"], tuned["per_type"]
-    chart = svg_bar_chart(list(b) + ["all"],
-                          {"base": [b[k]["strict"] for k in b] + [base["metrics"]["prompt_strict"]],
-                           "tuned": [t[k]["strict"] for k in b] + [tuned["metrics"]["prompt_strict"]]},
-                          "held-out constraint pass rate (strict), before vs after LoRA")
+    chart = bar_chart([(list(b) + ["all"],
+                        {"base": [b[k]["strict"] for k in b] + [base["metrics"]["prompt_strict"]],
+                         "tuned": [t[k]["strict"] for k in b] + [tuned["metrics"]["prompt_strict"]]},
+                        "held-out constraint pass rate (strict), before vs after LoRA", 1.0)])
     atomic_write(run_dir / "demo.svg", chart)
     atomic_write(run_dir / "demo.json", json.dumps({"base": base, "tuned": tuned}, indent=1,
                                                    ensure_ascii=False) + "\n")

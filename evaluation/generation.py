@@ -15,6 +15,7 @@ import torch
 
 from data.chat import Chat, chat_for
 from model import Tokenizer, load_pretrained
+from model.checkpoint import check_vocab
 from model.errors import SFTError
 
 
@@ -40,9 +41,11 @@ def load_eval_model(folder: str | Path, adapter: str | Path | None = None, templ
     """Model (+ LoRA adapter) in eval mode, and the Chat to prompt it with."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        hint = (" (it is a LoRA adapter: pass --model BASE --adapter " + str(folder) + ")"
-                if (folder / "adapter_config.json").is_file() else
-                "; pass a Hugging Face-format checkpoint such as checkpoints/pico-base")
+        hint = "; pass a Hugging Face-format checkpoint such as checkpoints/pico-base"
+        if (folder / "adapter_config.json").is_file():
+            from lora import read_adapter_config  # the adapter records the base it was made on
+            base = read_adapter_config(folder).base_model_name_or_path or "BASE"
+            hint = f" (it is a LoRA adapter: pass --model {base} --adapter {folder})"
         raise SFTError(f"{folder}: not a model folder (no config.json){hint}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SFTError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
@@ -55,6 +58,7 @@ def load_eval_model(folder: str | Path, adapter: str | Path | None = None, templ
         model = merge_lora(load_adapter(model, str(adapter)))
     model.eval()
     tokenizer = Tokenizer.from_pretrained(str(folder))
+    check_vocab(model.config, tokenizer, str(folder / "config.json"))
     chat = chat_for(folder, tokenizer, template or "auto", model.config.eos_ids, option="--template")
     return EvalModel(model, chat, str(folder), str(adapter) if adapter else None,
                      [chat.note] if chat.note else [])

@@ -7,21 +7,20 @@ metrics to `task.metric` keys, which is what the tables, the chart and `compare`
     {"model": ..., "tasks": {"ifeval": {"metrics": {"prompt_strict": 0.21, ...}, ...}}}
         -> {"ifeval.prompt_strict": 0.21, ...}
 
-The SVG is written by hand (a few <rect>/<text> elements) so the project needs no plotting
-library. Only metrics that live in [0, 1] (accuracies and rates) are drawn, on one shared axis;
-a loss or a perplexity on the same axis would squash every accuracy bar to nothing.
+The SVG (model/svg.py, written by hand) draws the rates on one 0..1 axis and the held-out loss
+on an axis of its own; a loss on the rates' axis would squash every accuracy bar to nothing.
 
-Files are written atomically (temp file in the same folder, then `os.replace`) so an
-interrupted run never leaves a half-written `eval.json` that `compare` would later misread.
+Files are written atomically (model/files.py) so an interrupted run never leaves a half-written
+`eval.json` that `compare` would later misread.
 """
 from __future__ import annotations
 
 import json
-from html import escape
 from pathlib import Path
 
 from model.errors import SFTError
-from model.files import atomic_write
+from model.files import atomic_write, read_json
+from model.svg import bar_chart
 
 # Metrics where a smaller number is the better result (used to label deltas).
 LOWER_IS_BETTER = ("loss", "ppl", "flip_rate", "loss_rate")
@@ -71,34 +70,24 @@ def to_markdown(result: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def svg_bar_chart(labels: list[str], series: dict[str, list[float | None]], title: str) -> str:
-    """Grouped horizontal bars on a 0..1 axis: one group per label, one bar per series."""
-    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
-    bar_h, gap, left, width = 14, 10, 230, 360
-    group_h = bar_h * len(series) + gap
-    height = 40 + group_h * len(labels) + 20 * len(series) + 10
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{height}" '
-           'font-family="sans-serif" font-size="12">',
-           f'<text x="10" y="20" font-size="14">{escape(title)}</text>']
-    for i, label in enumerate(labels):
-        y0 = 35 + i * group_h
-        out.append(f'<text x="{left - 6}" y="{y0 + group_h / 2}" text-anchor="end">{escape(label)}</text>')
-        for j, (name, values) in enumerate(series.items()):
-            v = values[i]
-            if v is None:
-                continue
-            w = max(0.0, min(1.0, v)) * width
-            y = y0 + j * bar_h
-            out.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 2}" '
-                       f'fill="{colors[j % len(colors)]}"/>')
-            out.append(f'<text x="{left + w + 4:.1f}" y="{y + bar_h - 4}">{v:.3f}</text>')
-    y = 35 + len(labels) * group_h + 5
-    out.append(f'<line x1="{left}" y1="30" x2="{left}" y2="{y - 5}" stroke="#333"/>')
-    for j, name in enumerate(series):
-        out.append(f'<rect x="{left}" y="{y + 20 * j}" width="12" height="12" fill="{colors[j % len(colors)]}"/>')
-        out.append(f'<text x="{left + 18}" y="{y + 20 * j + 11}">{escape(name)}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+def _is_loss(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] == "loss"
+
+
+def chart_panels(keys: list[str], series: dict[str, list[float | None]], what: str) -> list:
+    """Bar-chart panels (model/svg.py) of flat metrics: rates on a 0..1 axis, losses on their own
+    axis (a loss of 3 on the rates' axis would squash every rate to nothing); counts and
+    perplexities (exp of the loss) are left to the tables."""
+    rates = [i for i, k in enumerate(keys) if _is_fraction(k)]
+    losses = [i for i, k in enumerate(keys) if _is_loss(k)]
+    panels = []
+    for idx, title in ((rates, "accuracies and rates (0-1)"), (losses, "held-out loss (lower is better)")):
+        if not idx:
+            continue
+        part = {name: [vals[i] for i in idx] for name, vals in series.items()}
+        top = 1.0 if idx is rates else 1.1 * max(v for vals in part.values() for v in vals if v is not None)
+        panels.append(([keys[i] for i in idx], part, what + title, top))
+    return panels
 
 
 def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -107,10 +96,9 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
     paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md", "svg": out_dir / "eval.svg"}
     atomic_write(paths["json"], json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     atomic_write(paths["md"], to_markdown(result))
-    fr = {k: v for k, v in flat_metrics(result).items() if _is_fraction(k)}
-    chart = svg_bar_chart(list(fr), {Path(str(result.get("model", "model"))).name: list(fr.values())},
-                          "accuracies and rates (0-1)")
-    atomic_write(paths["svg"], chart)
+    flat = flat_metrics(result)
+    name = Path(str(result.get("model", "model"))).name
+    atomic_write(paths["svg"], bar_chart(chart_panels(list(flat), {name: list(flat.values())}, "")))
     return paths
 
 
@@ -122,10 +110,7 @@ def load_result(path: str | Path) -> dict:
     if not p.is_file():
         raise SFTError(f"{path}: no eval.json found; pass an eval output folder or its eval.json "
                        "(written by `python eval.py --model DIR --out DIR`)")
-    try:
-        result = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SFTError(f"{p}:{e.lineno}: not valid JSON ({e.msg}); re-run the evaluation") from None
+    result = read_json(p, "eval.json")
     if not isinstance(result, dict) or not isinstance(result.get("tasks"), dict):
         raise SFTError(f"{p}: no 'tasks' object; this is not an eval.json written by eval.py")
     return result
@@ -191,8 +176,6 @@ def write_compare(a: dict, b: dict, out_dir: str | Path, name_a: str = "A", name
     atomic_write(paths["md"], compare_markdown(a, b, name_a, name_b))
     atomic_write(paths["json"], json.dumps(
         [dict(zip(["metric", "a", "b", "delta", "b_is"], r)) for r in rows], indent=2) + "\n")
-    frac = [r for r in rows if _is_fraction(r[0])]
-    chart = svg_bar_chart([r[0] for r in frac], {name_a: [r[1] for r in frac], name_b: [r[2] for r in frac]},
-                          f"{name_a} vs {name_b}: accuracies and rates (0-1)")
-    atomic_write(paths["svg"], chart)
+    series = {name_a: [r[1] for r in rows], name_b: [r[2] for r in rows]}
+    atomic_write(paths["svg"], bar_chart(chart_panels([r[0] for r in rows], series, f"{name_a} vs {name_b}: ")))
     return paths

@@ -34,7 +34,7 @@ microseconds per merge), too slow to run on every word of a corpus. But text rep
 (Zipf's law: " the", ",", " of" ...), so we keep a dict from each pre-tokenized word to its ids:
 after the first few thousand words almost every word is one dict lookup, and the regex split
 runs in C. The dict is bounded (`CACHE_WORDS`; when it is full new words are merged but not
-stored, as the `tokenizers` library does). Measured by bench/tokenize.py on the shared 2-core
+stored, as the `tokenizers` library does). Measured by bench/tokenizer_speed.py on the shared 2-core
 machine (figures move by +-30%) over 20,496 texts, 5.3M characters, 1.38M Llama-3 tokens:
 96.5% of the words of a first pass are cache hits (44,890 distinct words in 1.3M); a fresh
 tokenizer encodes 450-550k tokens/s, a warm one 0.9-1.1M; the `tokenizers` library on one

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint folder <-> our Transformer.
 
-An HF Llama folder holds `config.json` (the shape), weights (`model.safetensors`, or shards plus
+An HF folder (Llama, Qwen2, Qwen3 or Mistral: model/config.py) holds `config.json` (the shape), weights (`model.safetensors`, or shards plus
 `model.safetensors.index.json`, or the older pickled `pytorch_model.bin`), `generation_config.json`
 (stop ids) and the tokenizer files. Weight names are ours with a "model." prefix
 (`model.layers.0.self_attn.q_proj.weight`), except `lm_head.weight`.
@@ -16,6 +16,13 @@ parameter. Peak memory stays at one copy of the weights in the final dtype, plus
 `linear_hook(name, weight) -> nn.Module | None` is the QLoRA seam: it sees each nn.Linear weight
 (converted to dtype, on device) as it is read, and may return a module (e.g. a 4-bit Linear) to
 put in that linear's place, so a full-precision copy of the whole model never exists.
+
+Every weight is checked once as it is read: a NaN or Inf in a checkpoint would otherwise "train"
+into a NaN model with every step skipped; the message names the tensor. A biased projection's
+bias is read after its weight, so a 4-bit replacement made from the weight receives it too. A
+tied head (`tie_word_embeddings`) is the embedding: a stray `lm_head.weight` in the file is
+skipped when loading (as transformers does) and never written when saving. Qwen's vocabulary is
+padded (151936 embedding rows for 151665 tokenizer ids); the rows stay as they are.
 
 Saving writes everything into a temporary sibling folder and renames it into place only when
 complete, so an interrupted save never leaves a half-written checkpoint where a good one was.
@@ -33,16 +40,29 @@ from model.errors import SFTError
 from model.files import atomic_write_json, read_json, write_folder
 from model.llama import Config, Transformer
 from model.safetensors import open_sharded, save_sharded
+from model.untrained import untrained_rows
 
 LinearHook = Callable[[str, torch.Tensor], "nn.Module | None"]
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints stored this recomputable buffer
 
 
-def read_config(folder: Path) -> Config:
+def read_config(folder: str | os.PathLike) -> Config:
+    """The folder's config.json, every key checked (model/config.py); remembers the folder."""
+    folder = Path(folder)
     path = folder / "config.json"
     if not path.exists():
         raise SFTError(f"{path}: missing (is {folder} a Hugging Face model folder?)")
-    return Config.from_hf(read_json(path, "config.json"), source=str(path))
+    cfg = Config.from_hf(read_json(path, "config.json"), source=str(path))
+    cfg.name_or_path = str(folder)
+    return cfg
+
+
+def check_vocab(cfg: Config, tokenizer, source: str) -> None:
+    """The tokenizer's ids must all index the embedding (more rows than ids is fine: Qwen pads)."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise SFTError(f"{source}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+                       f"{tokenizer.vocab_size} ids (id {tokenizer.vocab_size - 1} would index past the "
+                       "embedding); use the tokenizer that belongs to this model")
 
 
 def _open_weights(folder: Path) -> dict[str, tuple[str, Callable[[], torch.Tensor], Callable[[int, int], None]]]:
@@ -86,15 +106,26 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _copy_in_slices(src: torch.Tensor, dst: torch.Tensor, release: Callable[[int, int], None],
-                    slice_bytes: int = 1 << 20) -> None:
+                    what: str, slice_bytes: int = 1 << 20) -> None:
     """dst[:] = src (converting dtype/device) a few MB at a time, dropping each slice's file
-    pages once copied: the extra memory while loading is one slice, not one whole tensor."""
+    pages once copied: the extra memory while loading is one slice, not one whole tensor.
+    Each slice is checked for NaN/Inf as it lands (a value too large for a bf16/fp16 `dst`
+    becomes Inf there and is caught too); the check's temporary is one slice as well."""
     s, d = src.reshape(-1), dst.view(-1)
     size, step = src.element_size(), max(1, slice_bytes // src.element_size())
     for i in range(0, s.numel(), step):
         j = min(i + step, s.numel())
         d[i:j].copy_(s[i:j])
+        if not bool(torch.isfinite(d[i:j].abs().amax())):  # max propagates NaN (and isfinite is slow)
+            raise SFTError(f"{what} holds NaN or Inf values; the checkpoint is damaged (re-download "
+                           "or re-export it)")
         release(i * size, j * size)
+
+
+def _weight_before_bias(hf_name: str) -> tuple[str, bool]:
+    """Sort key: a module's weight just before its bias (the hook builds the module from the weight)."""
+    module, _, attr = hf_name.rpartition(".")
+    return module, attr == "bias"
 
 
 def _our_name(hf_name: str) -> str:
@@ -104,7 +135,8 @@ def _our_name(hf_name: str) -> str:
 def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu",
                     linear_hook: LinearHook | None = None) -> Transformer:
-    """Load an HF Llama folder into a Transformer of `dtype` on `device` (eval mode).
+    """Load an HF folder (any family of model/config.py) into a Transformer of `dtype` on
+    `device` (eval mode).
 
     linear_hook(module_name, weight): called for each nn.Linear weight ("layers.0.mlp.up_proj",
     "lm_head" unless tied) after conversion; return a module to replace that nn.Linear, or None
@@ -115,32 +147,35 @@ def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype = torch.float3
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {n: p for n, p in model.named_parameters()}  # tied lm_head shares embed's entry
-    modules = dict(model.named_modules())
     loaded: set[str] = set()
-    for hf_name, (fname, read, release) in _open_weights(folder).items():
+    weights = _open_weights(folder)
+    for hf_name in sorted(weights, key=_weight_before_bias):
+        fname, read, release = weights[hf_name]
         name = _our_name(hf_name)
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         if name in loaded:
             raise SFTError(f"{fname}: tensor {hf_name!r} appears in two weight files")
         if name not in expected:
-            raise SFTError(f"{fname}: unexpected tensor {hf_name!r} for a Llama model")
+            raise SFTError(f"{fname}: unexpected tensor {hf_name!r} for a {cfg.model_type} model "
+                           f"as {folder / 'config.json'} describes it")
         src = read()
         if tuple(src.shape) != tuple(expected[name].shape):
             raise SFTError(f"{fname}: tensor {hf_name!r} has shape {tuple(src.shape)} but "
                            f"{folder / 'config.json'} implies {tuple(expected[name].shape)}")
         if not src.is_floating_point():
-            raise SFTError(f"{fname}: tensor {hf_name!r} has dtype {src.dtype}; Llama weights are "
+            raise SFTError(f"{fname}: tensor {hf_name!r} has dtype {src.dtype}; model weights are "
                            "floating point (F32, F16 or BF16)")
         t = torch.empty(src.shape, device=device, dtype=dtype)
-        _copy_in_slices(src, t, release)
+        _copy_in_slices(src, t, release, f"{fname}: tensor {hf_name!r}")
         del src
         mod_name, _, attr = name.rpartition(".")
-        module = modules[mod_name]
-        replacement = linear_hook(mod_name, t) if linear_hook and isinstance(module, nn.Linear) else None
+        module = model.get_submodule(mod_name)  # a 4-bit replacement once its weight was read
+        hooked = linear_hook is not None and attr == "weight" and isinstance(module, nn.Linear)
+        replacement = linear_hook(mod_name, t) if hooked else None
         if replacement is not None:
             parent, _, child = mod_name.rpartition(".")
-            setattr(modules[parent] if parent else model, child, replacement)
+            setattr(model.get_submodule(parent), child, replacement)
         else:
             setattr(module, attr, nn.Parameter(t, requires_grad=t.is_floating_point()))
         del expected[name]
@@ -151,6 +186,18 @@ def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype = torch.float3
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
+
+
+def folder_untrained_rows(folder: str | os.PathLike, token_ids) -> list[int]:
+    """model/untrained.py's test on a folder without building the model: only the embedding (and
+    an untied head) are read, memory-mapped (data.inspect uses it)."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    weights = _open_weights(folder)
+    if "model.embed_tokens.weight" not in weights:
+        raise SFTError(f"{folder}: no model.embed_tokens.weight in the weights")
+    head = None if cfg.tie_word_embeddings or "lm_head.weight" not in weights else weights["lm_head.weight"][1]()
+    return untrained_rows(weights["model.embed_tokens.weight"][1](), token_ids, head)
 
 
 def hf_state_dict(model: Transformer, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
@@ -173,7 +220,7 @@ def _check_plain(model: Transformer, sd: dict[str, torch.Tensor]) -> None:
     want = set(hf_state_dict(ref))
     if set(sd) != want:
         extra = sorted(set(sd) - want)[:3]
-        raise SFTError(f"save_pretrained: model has non-Llama weights {extra} (merge LoRA / "
+        raise SFTError(f"save_pretrained: model has weights a plain model lacks {extra} (merge LoRA / "
                        "dequantize before saving a full checkpoint, or save an adapter)")
 
 

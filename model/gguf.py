@@ -438,9 +438,9 @@ def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, type: GG
     if not out.parent.is_dir():
         raise SFTError(f"{out.parent}: no such folder for the output file")
     from model.gguf_vocab import vocab_metadata  # it imports this module's constants
-    cfg = read_config(folder)  # checks config.json exists and holds a shape we can read
     hf = read_json(folder / "config.json", "config.json")
-    arch = _architecture(hf, folder / "config.json")
+    arch = _architecture(hf, folder / "config.json")  # before read_config: say "cannot be exported"
+    cfg = read_config(folder)  # every key checked (model/config.py)
     tensors = plan_tensors(folder, arch, cfg, type)
     metadata = {"general.architecture": (STRING, arch), "general.type": (STRING, "model"),
                 "general.name": (STRING, folder.resolve().name),

@@ -1,4 +1,4 @@
-"""A Llama-family decoder-only transformer, written to be read top to bottom.
+"""A Llama-family decoder-only transformer (Llama 2/3.x, Qwen2.5, Qwen3, Mistral), read top to bottom.
 
 Data flow for a batch of token ids `x` of shape (B, T):
 
@@ -25,6 +25,13 @@ The pieces, and the detail each one must get exactly right to match Hugging Face
   (a fused kernel) does the sharing itself with `enable_gqa=True`, without repeated K/V copies.
 * SwiGLU MLP: down(silu(gate(x)) * up(x)).
 
+The families differ by flags on these same modules (model/config.py reads them from config.json):
+Qwen2 adds biases to the q/k/v projections; Qwen3 applies an RMSNorm (one weight of head_dim,
+shared by the heads) to every head's query and key vector before RoPE, and its head_dim is free
+(heads x head_dim may differ from hidden_size); Mistral lets a token attend only to itself and
+the `sliding_window - 1` tokens before it; Llama-3.x ties the head to the embedding and rescales
+RoPE frequencies ("llama3").
+
 This file is the plain math. Speed and memory work for training on a CPU (oneDNN matrix
 products, RMSNorm/SwiGLU backward written by hand, activations recomputed instead of stored) is
 applied to a built model from outside by `model.speedups.apply(model)`, which swaps in
@@ -33,121 +40,31 @@ FSDP are applied from outside too (training/distributed.py).
 
 Masks: with no `seq_ids` the plain causal mask is used (`is_causal=True`, the fast path). With
 `seq_ids` (B, T) a token attends only to earlier tokens *with the same id*: a block-diagonal causal
-mask, so samples packed into one row never see each other. When every row holds a single id the
-two masks are the same, and the causal fast path is taken (the kernel then skips the blocks above
-the diagonal instead of reading a (B, 1, T, T) mask).
+mask, so samples packed into one row never see each other. A sliding window cuts every band to
+the last `sliding_window` positions as well (block-diagonal AND window). When every row holds a
+single id and the row is no longer than the window, all of these are the plain causal mask, and
+the fast path is taken (the kernel then skips the blocks above the diagonal instead of reading a
+(B, 1, T, T) mask).
 
 Generation keeps a KV cache: the keys and values of every position already processed, stored in
 a buffer preallocated for the whole generation. Each new token then costs one forward over a
-single position instead of re-running the whole sequence. Prompts of different lengths are left
-padded; padding keys are masked out and each row gets its own positions, so a batched result is
-the same as generating for each prompt alone.
+single position instead of re-running the whole sequence. With a sliding window the cache still
+keeps every position and masks the keys that fell out of the window (see `cache_mask`). Prompts
+of different lengths are left padded; padding keys are masked out and each row gets its own
+positions, so a batched result is the same as generating for each prompt alone.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import Config
 from model.errors import SFTError
 from model.sampling import sample
-
-
-ROPE_SCALING_KEYS = {"linear": ["factor"],
-                     "llama3": ["factor", "low_freq_factor", "high_freq_factor",
-                                "original_max_position_embeddings"]}
-
-
-@dataclass
-class Config:
-    """The shape of a model, named as in HF `config.json`; 0 for kv heads / head_dim = derive."""
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 0  # 0 -> same as num_attention_heads
-    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    pad_token_id: int | None = None
-
-    def __post_init__(self) -> None:
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise SFTError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                           f"num_key_value_heads={self.num_key_value_heads}")
-
-    @property
-    def eos_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else [e] if isinstance(e, int) else list(e)
-
-    @classmethod
-    def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
-        """Read a Hugging Face `config.json` dict; a missing or unsupported key names `source`."""
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads"):
-            if key not in hf:
-                raise SFTError(f"{source}: missing key {key!r} (is this a Llama config.json?)")
-            if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] <= 0:
-                raise SFTError(f"{source}: {key} must be a positive integer, got {hf[key]!r}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise SFTError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu' is supported")
-        for key in ("attention_bias", "mlp_bias"):
-            if hf.get(key):
-                raise SFTError(f"{source}: {key}=true is not supported")
-        # transformers >= 5 writes rope_parameters {"rope_theta", "rope_type", ...} instead of
-        # top-level rope_theta / rope_scaling: accept both.
-        rp = hf.get("rope_parameters") or {}
-        theta = hf.get("rope_theta", rp.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling")
-        if scaling is None and rp.get("rope_type", "default") != "default":
-            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-        if scaling is not None:
-            scaling = dict(scaling)
-            scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
-            if scaling["rope_type"] == "default":
-                scaling = None
-            elif scaling["rope_type"] not in ROPE_SCALING_KEYS:
-                raise SFTError(f"{source}: rope scaling type {scaling['rope_type']!r} is not "
-                               "supported (only 'linear' and 'llama3')")
-            else:
-                missing = [k for k in ROPE_SCALING_KEYS[scaling["rope_type"]] if k not in scaling]
-                if missing:
-                    raise SFTError(f"{source}: {scaling['rope_type']} rope scaling needs {missing}")
-        try:  # __post_init__ checks the head counts; say which file they came from
-            return cls(
-                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-                num_attention_heads=hf["num_attention_heads"],
-                num_key_value_heads=hf.get("num_key_value_heads") or 0, head_dim=hf.get("head_dim") or 0,
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-                max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-                pad_token_id=hf.get("pad_token_id"))
-        except SFTError as e:
-            raise SFTError(f"{source}: {e}") from None
-
-    def to_hf(self) -> dict:
-        """The `config.json` dict transformers expects (legacy `rope_theta` key, read by 4.x and 5.x)."""
-        d = asdict(self)
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                 attention_bias=False, mlp_bias=False, attention_dropout=0.0)
-        if d["rope_scaling"] is None:
-            del d["rope_scaling"]
-        return d
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -226,19 +143,29 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE and GQA; the family flags add q/k/v biases (qwen2), an
+    RMSNorm over each head's q and k before RoPE (qwen3) and a sliding window (mistral, via the mask)."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # one weight of head_dim shared by all heads
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)  # (B, T, KV, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        if hasattr(self, "q_norm"):  # qwen3: normalise each head's vector, then rotate it
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -279,23 +206,40 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) sequence ids -> (B, 1, T, T) bool: key j visible to query i iff j <= i, same id."""
-    T = seq_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=seq_ids.device).tril()
-    return (seq_ids[:, :, None] == seq_ids[:, None, :])[:, None] & causal
+def causal_mask(T: int, seq_ids: torch.Tensor | None = None, window: int | None = None,
+                device=None) -> torch.Tensor | None:
+    """(B or 1, 1, T, T) bool: key j visible to query i iff j <= i, i - j < window (if any) and
+    seq_ids equal (if given); None when that is just the plain causal mask (the fast path)."""
+    packed = seq_ids is not None and bool((seq_ids != seq_ids[:, :1]).any())
+    windowed = window is not None and T > window
+    if not (packed or windowed):
+        return None
+    i = torch.arange(T, device=device)
+    dist = i[:, None] - i[None, :]  # (T, T): how far back key j lies from query i
+    mask = (dist >= 0) & (dist < window) if windowed else dist >= 0
+    mask = mask[None, None]
+    if packed:  # same sample only; a window counted in row positions is the same within a sample
+        mask = mask & (seq_ids[:, :, None] == seq_ids[:, None, :])[:, None]
+    return mask
 
 
-def cache_mask(cache: KVCache, T: int) -> torch.Tensor:
-    """(B, 1, T, length+T) bool for T new queries: causal, no padding keys, always oneself.
+def cache_mask(cache: KVCache, T: int, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, length+T) bool for T new queries: causal, within the window, no padding keys,
+    always oneself.
 
+    The cache keeps every position and the window is a mask over it (a "masked" rather than a
+    rolling cache: more memory for long generations, the same numbers). Left padding sits before
+    a row's first token, so cache index distances between real tokens are position distances.
     Allowing the diagonal keeps a padding query from having zero visible keys (softmax of an
     all -inf row is NaN, and a NaN value vector poisons every row that multiplies it by 0).
     """
     end = cache.length + T
     q_idx = torch.arange(cache.length, end, device=cache.valid.device)[:, None]
     k_idx = torch.arange(end, device=cache.valid.device)[None, :]
-    return ((k_idx <= q_idx) & cache.valid[:, None, None, :end]) | (k_idx == q_idx)
+    visible = k_idx <= q_idx
+    if window is not None:
+        visible = visible & (q_idx - k_idx < window)
+    return (visible & cache.valid[:, None, None, :end]) | (k_idx == q_idx)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -308,9 +252,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        for m in self.modules():  # HF's init: N(0, 0.02); a no-op on the meta device
+        for m in self.modules():  # HF's init: N(0, 0.02), biases 0; a no-op on the meta device
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -327,11 +273,11 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        mask = None  # None -> is_causal=True fast path
+        window = self.config.sliding_window
         if cache is not None:
-            mask = cache_mask(cache, T)
-        elif seq_ids is not None and bool((seq_ids != seq_ids[:, :1]).any()):
-            mask = block_causal_mask(seq_ids)  # (one sample per row: plain causal is the same)
+            mask = cache_mask(cache, T, window)
+        else:  # None: the is_causal=True fast path (one sample per row, no window in reach)
+            mask = causal_mask(T, seq_ids, window, input_ids.device)
         h = self.embed_tokens(input_ids)  # (B, T, D)
         if mask is not None:  # bool -> additive 0/-inf, once per forward (SDPA on CPU is slower with bool masks)
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))

@@ -149,7 +149,7 @@ def loss_over_rows(model: torch.nn.Module, rows: dict[str, torch.Tensor], batche
     try:
         for idx in batches:
             sel = torch.tensor(idx or [0])
-            b = {k: v.index_select(0, sel).to(device, non_blocking=True) for k, v in rows.items()}
+            b = {k: v.index_select(0, sel).to(device, non_blocking=True).long() for k, v in rows.items()}
             hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
                            return_hidden=True)                      # (B, T, D)
             s, k = masked_ce_sum(model, hidden, b["labels"], chunk_size)

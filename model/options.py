@@ -2,8 +2,10 @@
 
 A tool describes its options as dataclasses: a root dataclass whose fields are plain values
 (top-level keys), sections (a dataclass field: a `[section]` table) or lists of tables (a
-`[[name]]` array, each table a dataclass chosen by its `type` key). Every field is declared with
-`opt(default, help, ...)`, which also carries what is allowed:
+`[[name]]` array, each table a dataclass chosen by its `type` key; or, inside a section, a
+`list[SomeDataclass]` field: `[[section.name]]` tables of that one dataclass, e.g. the
+`[[data.sources]]` of a training config). Every field is declared with `opt(default, help, ...)`,
+which also carries what is allowed:
 
     lr: float = opt(3e-4, "peak learning rate", gt=0)
     dtype: Dtype = opt("float32", "...")           # Dtype = Literal["float32", "bf16-mixed", ...]
@@ -50,6 +52,12 @@ def _is_section(typ: Any) -> bool:
     return isinstance(typ, type) and dataclasses.is_dataclass(typ)
 
 
+def _table_item(typ: Any) -> type | None:
+    """The dataclass of a `list[SomeDataclass]` field (`[[section.name]]` tables), else None."""
+    args = get_args(typ) if get_origin(typ) is list else ()
+    return args[0] if args and _is_section(args[0]) else None
+
+
 def _fields(obj_or_type: Any) -> list[tuple[dataclasses.Field, Any]]:
     cls = obj_or_type if isinstance(obj_or_type, type) else type(obj_or_type)
     hints = get_type_hints(cls)
@@ -90,6 +98,10 @@ def check_value(value: Any, typ: Any, f: dataclasses.Field, key: str, where: str
             raise SFTError(f"{where}: '{key}' must be one of {', '.join(map(str, choices))}, "
                            f"got {value!r}{hint}")
         return value
+    if _table_item(typ):
+        if not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+            raise SFTError(f"{where}: '{key}' must be a list of tables ([[{key}]])")
+        return [_fill(_table_item(typ)(), v, f"{key}[{i}]", where, f"'{key}[{i}]'") for i, v in enumerate(value)]
     if get_origin(typ) is list or typ is list:
         if isinstance(value, str):  # `lora.targets=q_proj,v_proj` on the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -146,15 +158,21 @@ def _table(value: Any, f: dataclasses.Field, key: str, where: str) -> Any:
         raise SFTError(f"{where}: '{key}' entries must be tables ([[{key}]])")
     kind = value.get("type")
     if kind not in variants:
-        raise SFTError(f"{where}: [[{key}]] type {kind!r} is unknown; known: {', '.join(variants)}")
-    table = variants[kind]()
+        close = difflib.get_close_matches(str(kind), list(variants), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise SFTError(f"{where}: [[{key}]] type {kind!r} is unknown; {hint}known: {', '.join(variants)}")
+    return _fill(variants[kind](), {k: v for k, v in value.items() if k != "type"}, key, where,
+                 f"[[{key}]] type {kind}")
+
+
+def _fill(table: Any, value: dict, key: str, where: str, label: str) -> Any:
+    """Set each key of one TOML table on the dataclass `table`, every value checked."""
     fields = {g.name: (g, typ) for g, typ in _fields(table)}
     for name, v in value.items():
-        if name == "type":
-            continue
         if name not in fields:
-            raise SFTError(f"{where}: [[{key}]] type {kind}: unknown key '{name}'; known: "
-                           f"{', '.join(fields) or '(none)'}")
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise SFTError(f"{where}: {label}: unknown key '{name}'; {hint}known: {', '.join(fields) or '(none)'}")
         g, typ = fields[name]
         setattr(table, name, check_value(v, typ, g, f"{key}.{name}", where))
     return table
@@ -249,7 +267,13 @@ def to_toml(obj: Any) -> str:
         value = getattr(obj, f.name)
         if _is_section(typ):
             sections += [f"[{f.name}]"] + [f"{g.name} = {_fmt(getattr(value, g.name))}"
-                                           for g, _ in _fields(typ)] + [""]
+                                           for g, gt in _fields(typ) if not _table_item(gt)] + [""]
+            for g, gt in _fields(typ):  # [[section.name]] tables after the section's keys, with the
+                item = _table_item(gt)      # keys that differ from the defaults (a default may be "unset")
+                for t in getattr(value, g.name) if item else []:
+                    sections += [f"[[{f.name}.{g.name}]]"] + [f"{h.name} = {_fmt(getattr(t, h.name))}"
+                                                               for h, _ in _fields(t)
+                                                               if getattr(t, h.name) != getattr(item(), h.name)] + [""]
         elif f.metadata.get("variants"):
             kinds = {cls: k for k, cls in f.metadata["variants"].items()}
             for t in value:
@@ -268,6 +292,9 @@ def _rows(schema: Any) -> list[tuple[str, str, str]]:
             sec = getattr(obj, f.name)
             for g, gt in _fields(sec):
                 rows.append((f"{f.name}.{g.name}", repr(getattr(sec, g.name)), _describe(g, gt)))
+                item = _table_item(gt)
+                rows += [(f"{f.name}.{g.name}[].{h.name}", repr(getattr(item(), h.name)), _describe(h, ht))
+                         for h, ht in _fields(item)] if item else []
         else:
             rows.append((f.name, repr(getattr(obj, f.name)), _describe(f, typ)))
     return rows

@@ -59,10 +59,18 @@ import sentencepiece as spm
 
 from model.bpe import BPE
 from model.errors import SFTError
-from model.files import atomic_write, read_json
+from model.files import atomic_write, read_bytes, read_json
 from model.unicode_regex import WHITE_SPACE
 
 NO_DUMMY_PREFIX = bytes([0x1A, 0x02, 0x18, 0x00])  # ModelProto.normalizer_spec.add_dummy_prefix = false
+
+
+def _json_object(path: Path, required: bool = False) -> dict:
+    """A tokenizer JSON file that must hold an object ({} when an optional one is absent)."""
+    data = read_json(path, path.name) if required else read_json(path, path.name, default={})
+    if not isinstance(data, dict):
+        raise SFTError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def token_content(tok) -> str | None:
@@ -218,14 +226,19 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "Tokenizer":
         folder = Path(folder)
-        config = read_json(folder / "tokenizer_config.json", default={})
-        special_map = read_json(folder / "special_tokens_map.json", default={})
+        config = _json_object(folder / "tokenizer_config.json")
+        special_map = _json_object(folder / "special_tokens_map.json")
         model_path, json_path = folder / "tokenizer.model", folder / "tokenizer.json"
         if model_path.exists():
-            backend = SentencePiece(model_path.read_bytes(), config, str(model_path))
-            return cls(backend, config, special_map, read_json(folder / "added_tokens.json", default={}))
+            backend = SentencePiece(read_bytes(model_path, "SentencePiece tokenizer.model"), config, str(model_path))
+            added = _json_object(folder / "added_tokens.json")
+            bad = next((k for k, v in added.items() if not isinstance(v, int) or isinstance(v, bool)), None)
+            if bad is not None:
+                raise SFTError(f"{folder / 'added_tokens.json'}: {bad!r} maps to {added[bad]!r}, not a token id")
+            return cls(backend, config, special_map, added)
         if json_path.exists():
-            return cls(BPE(read_json(json_path, "tokenizer.json"), json_path.read_bytes(), str(json_path)), config, special_map)
+            data = read_bytes(json_path, "tokenizer.json")
+            return cls(BPE(_json_object(json_path, required=True), data, str(json_path)), config, special_map)
         raise SFTError(f"{model_path}: missing, and no tokenizer.json either (a folder needs a SentencePiece "
                        "tokenizer.model or a byte-level BPE tokenizer.json)")
 
@@ -271,13 +284,14 @@ class Tokenizer:
                 out.append((piece, idx))
         return out
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, eos: bool = False, at_start: bool = True) -> list[int]:
         """Token ids of `text`; added-token strings in it become their single ids. `bos`/`eos`
-        add the tokenizer's BOS/EOS (nothing when it has none, e.g. Qwen's BOS)."""
+        add the tokenizer's BOS/EOS (nothing when it has none, e.g. Qwen's BOS). at_start=False:
+        `text` continues a longer text (no SentencePiece dummy prefix before its first word)."""
         ids = [self.bos_id] if bos and self.bos_id is not None else []
         for i, (piece, idx) in enumerate(self.split_added(text)):
             if idx is None:
-                ids += self.backend.encode(piece, at_start=i == 0)
+                ids += self.backend.encode(piece, at_start=at_start and i == 0)
             else:
                 ids.append(idx)
         if eos and self.eos_id is not None:

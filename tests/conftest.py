@@ -70,3 +70,13 @@ def adapter_dir(tiny_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("adapter") / "adapter"
     save_adapter(apply_lora(load_pretrained(tiny_dir), r=4, alpha=8), folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def cli_runner():
+    """Runs the real command-line tools as forked processes of one server that imported torch
+    once (tests/cli_forks.py): `cli_runner.run(jobs)` -> {id: {"rc", "seconds", "pid"}}."""
+    from cli_forks import ForkRunner
+    runner = ForkRunner(parallel=2)
+    yield runner
+    runner.close()

@@ -5,8 +5,9 @@ through `python train.py`, `python eval.py`, `python -m data.inspect`, `python -
 `python -m data.synth` in subprocesses. Each case names what the one `error:` line must contain
 and which paths must be absent, or byte-for-byte unchanged, afterwards (a failed run must not
 leave a half-made run folder, nor clear an old one on `run.overwrite=true`). One case passes
-`--debug` and gets the traceback instead. The cases run three at a time in one module fixture,
-since each process pays for importing torch.
+`--debug` and gets the traceback instead. The cases run in one module fixture as processes
+forked from a server that imported torch once (tests/cli_forks.py; a fresh interpreter pays
+seconds for the import), two at a time. tests/test_faults_cli.py holds the larger corpus.
 
 A FIFO stands in for an unreadable file here: the tests run as root, which ignores `chmod 000`,
 and a FIFO is the other kind of path a user can name that is not a readable regular file
@@ -14,18 +15,15 @@ and a FIFO is the other kind of path a user can name that is not a readable regu
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from cli_forks import tree_digest
 from test_bad_inputs import CASES, GOOD, edit_json, jsonl, put
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,40 +143,22 @@ CLI_CASES = [
 ]
 
 
-def tree_digest(path: Path) -> dict[str, str] | None:
-    """{relative path: sha256} of every file under `path` (None when it does not exist)."""
-    if not path.exists():
-        return None
-    if path.is_file():
-        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def _run_cli(case: CliCase, tmp: Path, tiny: Path, adapter: Path) -> dict:
-    argv = case.make(tmp, tiny, adapter)
-    before = {u: tree_digest(tmp / u) for u in case.untouched}
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    try:
-        p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=180, stdin=subprocess.DEVNULL)
-        rc, err = p.returncode, p.stderr
-    except subprocess.TimeoutExpired as e:  # a hang (e.g. opening a FIFO) is a failure too
-        rc, err = "timeout", e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-    after = {u: tree_digest(tmp / u) for u in case.untouched}
-    return {"rc": rc, "stderr": err, "before": before, "after": after}
-
-
 @pytest.fixture(scope="module")
-def cli_results(tiny_dir, adapter_dir, tmp_path_factory) -> dict[str, dict]:
-    """Run every CLI case once, three processes at a time (each pays for importing torch)."""
+def cli_results(cli_runner, tiny_dir, adapter_dir, tmp_path_factory) -> dict[str, dict]:
+    """Run every CLI case once, as forked processes of the server that imported torch once
+    (tests/cli_forks.py); a hang (e.g. opening a FIFO) ends in a timeout, a failure too."""
     base = tmp_path_factory.mktemp("cli")
-    dirs = {c.name: base / c.name for c in CLI_CASES}
-    for d in dirs.values():
-        d.mkdir()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {c.name: pool.submit(_run_cli, c, dirs[c.name], tiny_dir, adapter_dir) for c in CLI_CASES}
-        return {name: f.result() for name, f in futures.items()}
+    jobs, before = [], {}
+    for c in CLI_CASES:
+        (base / c.name).mkdir()
+        argv = c.make(base / c.name, tiny_dir, adapter_dir)
+        before[c.name] = {u: tree_digest(base / c.name / u) for u in c.untouched}
+        jobs.append({"id": c.name, "argv": argv, "cwd": str(ROOT), "out": str(base / f"{c.name}.out"),
+                     "err": str(base / f"{c.name}.err"), "timeout": 180})
+    codes = cli_runner.run(jobs)
+    return {c.name: {"rc": codes[c.name]["rc"], "stderr": (base / f"{c.name}.err").read_text(),
+                     "before": before[c.name],
+                     "after": {u: tree_digest(base / c.name / u) for u in c.untouched}} for c in CLI_CASES}
 
 
 def test_the_corpus_has_at_least_40_cases_with_unique_names():

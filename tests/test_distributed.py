@@ -199,7 +199,7 @@ QUICKSTART = ROOT / "data" / "quickstart" / "alpaca_300.jsonl"
 def train_overrides(tmp_path: Path, model_dir: Path, name: str) -> list[str]:
     return [f"model.path={model_dir}", f"run.out_dir={tmp_path}", f"run.name={name}",
             f"data.train={QUICKSTART}", "data.max_records=20", "data.max_seq_len=128",
-            "data.eval_fraction=0.25", "train.batch_size=2", "train.grad_accum=2",
+            "data.eval_fraction=0.25", "train.batch_size=4", "train.grad_accum=1",
             "train.max_steps=4", "optim.lr=1e-3", "optim.warmup_steps=1", "eval.sample_prompts=0",
             "run.threads=1", "run.save_every=2", "run.keep_last_n=0"]
 
@@ -209,7 +209,8 @@ def metrics(run_dir: Path, kind: str, key: str) -> list[float]:
     return [r[key] for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_train_py_under_torchrun_matches_one_process_and_resumes_in_one(tmp_path, one_thread, tiny_dir):
+def test_train_py_under_torchrun_splits_grad_accum_1_matches_one_process_and_resumes_in_one(tmp_path, one_thread,
+                                                                                          tiny_dir):
     import shutil
 
     from model.checkpoint import load_pretrained
@@ -223,6 +224,8 @@ def test_train_py_under_torchrun_matches_one_process_and_resumes_in_one(tmp_path
            *train_overrides(tmp_path, model_dir, "two")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # grad_accum=1 (as in the shipped configs) on 2 processes: the step's 4 rows run as 2 x 2, said once
+    assert res.stdout.count("run as 2 micro-batches of 2") == 1, res.stdout[-3000:]
     one, two = tmp_path / "one", tmp_path / "two"
     # grad_norm gets 1e-4 relative: torch's fp32 CPU norm of the 131k-entry embedding gradient is
     # itself off by ~1e-5 (against fp64), and one shard's norm is off differently

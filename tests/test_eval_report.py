@@ -17,7 +17,7 @@ def _result(model, acc, loss, strict):
                       "ifeval": {"metrics": {"prompt_strict": strict}}}}
 
 
-def test_report_writes_json_markdown_and_a_valid_svg_with_only_fractions(tmp_path):
+def test_report_writes_json_markdown_and_a_valid_svg_with_rates_and_loss_on_their_own_axes(tmp_path):
     res = _result("base", 0.25, 3.5, 0.1)
     paths = write_report(res, tmp_path / "out")
     assert json.loads(paths["json"].read_text()) == res
@@ -26,7 +26,9 @@ def test_report_writes_json_markdown_and_a_valid_svg_with_only_fractions(tmp_pat
     svg = ET.fromstring(paths["svg"].read_text())  # well-formed XML
     labels = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
     assert "mc.acc" in labels and "ifeval.prompt_strict" in labels
-    assert "loss.loss" not in labels and "loss.n_tokens" not in labels  # not on a 0..1 axis
+    assert "loss.n_tokens" not in labels                       # counts stay in the tables
+    rates, loss = labels.index("accuracies and rates (0-1)"), labels.index("held-out loss (lower is better)")
+    assert rates < labels.index("mc.acc") < loss < labels.index("loss.loss")  # loss: its own axis
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
 
 

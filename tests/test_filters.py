@@ -1,13 +1,14 @@
-"""Filters keep or reject records with a reason; the CLI writes kept + rejects files and a table."""
+"""Quality filters (data/quality.py) keep or reject records with a reason; the command
+(data/filter.py) reads a typed config, writes kept + rejects files and a table."""
 import json
 import math
 
 import pytest
 
 from data import filter as filter_cli
-from data.filters import (exact_dedup, judge_filter, length_filter, near_dedup, parse_score,
-                          perplexity_filter, prompt_and_response, read_records,
-                          response_perplexities)
+from data.quality import (JudgeFilter, LengthFilter, NearDedup, PerplexityFilter, exact_dedup, judge_filter,
+                          length_filter, near_dedup, parse_score, perplexity_filter, prompt_and_response,
+                          read_records, response_perplexities)
 from model.errors import SFTError
 
 RECS = [
@@ -32,12 +33,12 @@ def test_prompt_and_response_read_alpaca_sharegpt_and_openai_records():
 def test_dedup_filters_give_the_index_they_duplicate():
     kept, rejects = exact_dedup(RECS)
     assert len(kept) == 3 and rejects[0][1] == "exact duplicate of record 0"
-    kept, rejects = near_dedup(RECS, threshold=0.5)
+    kept, rejects = near_dedup(RECS, NearDedup(threshold=0.5))
     assert len(kept) == 3 and "near duplicate of record 0" in rejects[0][1]
 
 
 def test_length_filter_names_the_bound_that_failed():
-    kept, rejects = length_filter(RECS, min_response_chars=5, min_ratio=0.1)
+    kept, rejects = length_filter(RECS, LengthFilter(min_response_chars=5, min_ratio=0.1))
     assert [r for r, _ in rejects] == [RECS[2]] and "response has 3 chars" in rejects[0][1]
 
 
@@ -59,7 +60,7 @@ class FakeJudge:
 
 def test_judge_filter_rejects_low_scores_and_malformed_answers():
     judge = FakeJudge(["Score: 5\nReason: ok", "Score: 2\nReason: wrong", "blah", "4/5"])
-    kept, rejects = judge_filter(RECS, judge, min_score=3)
+    kept, rejects = judge_filter(RECS, judge, JudgeFilter(min_score=3))
     assert kept == [RECS[0], RECS[3]]
     assert "score 2 < 3: wrong" in rejects[0][1] and "malformed" in rejects[1][1]
 
@@ -73,7 +74,7 @@ def test_perplexity_is_lower_for_fluent_text_and_quantiles_drop_the_tail(pico_di
     assert all(math.isfinite(p) for p in ppl) and ppl[0] < ppl[1]
     # batching does not change a sample's score
     assert response_perplexities(recs[:1], model, tok, batch_size=1)[0] == pytest.approx(ppl[0], rel=1e-4)
-    kept, rejects = perplexity_filter(recs * 2, model, tok, drop_high=0.5)
+    kept, rejects = perplexity_filter(recs * 2, model, tok, PerplexityFilter(drop_high=0.5))
     assert kept == [recs[0], recs[0]] and "above" in rejects[0][1]
 
 
@@ -91,3 +92,51 @@ def test_cli_writes_kept_and_rejects_files_and_prints_counts(tmp_path, capsys):
     assert "02_length" in capsys.readouterr().out
     cfg.write_text(f'input = "{data}"\noutput_dir = "{out}"\n[[filters]]\ntype = "lenght"\n')
     assert filter_cli.main(["--config", str(cfg)]) == 2
+
+
+def _filter_config(tmp_path, body: str):
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps(RECS))
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(f'input = "{data}"\noutput_dir = "{tmp_path / "out"}"\n' + body)
+    return cfg
+
+
+@pytest.mark.parametrize("body,argv,words", [
+    ('outptu_dir = "x"\n[[filters]]\ntype = "exact_dedup"\n', [], ["f.toml", "outptu_dir", "did you mean 'output_dir'"]),
+    ('[[filters]]\ntype = "near_dedup"\nthreshold = 1.5\n', [], ["f.toml", "filters.threshold", "<= 1"]),
+    ('[[filters]]\ntype = "length"\nmin_response_chars = "ten"\n', [], ["f.toml", "filters.min_response_chars", "int"]),
+    ('[[filters]]\ntype = "near_dedup"\nkeep = "last"\n', [], ["f.toml", "filters.keep", "first, longest"]),
+    ('[[filters]]\ntype = "exact_dedup"\n[[filters]]\ntype = "fuzzy"\n', [], ["f.toml", "'fuzzy'", "near_dedup"]),
+    ('[[filters]]\ntype = "near_dedup"\ntreshold = 0.5\n', [], ["f.toml", "treshold", "known: threshold"]),
+    ('[[filters]]\ntype = "perplexity"\n', [], ["f.toml", "#1 (perplexity)", "model_dir"]),
+    ('[[filters]]\ntype = "judge"\n', [], ["f.toml", "#1 (judge)", "exactly one of model_dir", "neither"]),
+    ('[[filters]]\ntype = "exact_dedup"\n', ["teacher.timeout=0"], ["command line", "teacher.timeout", "> 0"]),
+    ('[[filters]]\ntype = "exact_dedup"\n', ["output_dri=x"], ["command line", "did you mean 'output_dir'"]),
+    ('', [], ["f.toml", "no [[filters]]"]),
+])
+def test_filter_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, body, argv, words):
+    cfg = _filter_config(tmp_path, body)
+    assert filter_cli.main(["--config", str(cfg), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()  # refused before any step ran
+
+
+def test_filter_overrides_on_the_command_line_replace_file_values(tmp_path):
+    cfg = _filter_config(tmp_path, '[[filters]]\ntype = "length"\nmin_response_chars = 5\n')
+    other = tmp_path / "elsewhere"
+    assert filter_cli.main(["--config", str(cfg), f"output_dir={other}",
+                            'filters=[{type = "length", min_response_chars = 50}]']) == 0
+    # the file's 5 chars would keep 3; 50 keeps only the gravity answer (the apple ones have 40)
+    assert read_records(other / "kept.jsonl") == [RECS[3]]
+    assert not (tmp_path / "out").exists()
+
+
+def test_filter_help_lists_every_filter_type_with_its_options(capsys):
+    with pytest.raises(SystemExit):
+        filter_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f'type = "{k}"' in out for k in ("exact_dedup", "near_dedup", "length", "perplexity", "judge"))
+    assert "drop_high" in out and "teacher.base_url" in out

@@ -6,6 +6,7 @@ gradients are checked numerically (gradcheck, float64) and the forwards against 
 formulas in fp32 and bf16. A model with `speedups.apply` gives the plain model's gradients bit
 for bit (oneDNN off) or within fp32 summation-order rounding (oneDNN on).
 """
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -50,11 +51,21 @@ def test_frozen_norm_weight_gets_no_gradient_but_input_does():
 
 # --------------------------------------------------------------------------- model/recompute.py
 
-def _tiny_model(seed=0):
+FAMILY_FLAGS = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16},  # qwen3: 4 x 16 != 32
+                "mistral": {"sliding_window": 4}}                     # rows of 10 cross it
+
+
+def _tiny_model(seed=0, family="llama"):
     from model.llama import Config, Transformer
     torch.manual_seed(seed)
-    return Transformer(Config(vocab_size=96, hidden_size=32, intermediate_size=48,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model = Transformer(Config.for_family(family, vocab_size=96, hidden_size=32, intermediate_size=48,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, **FAMILY_FLAGS[family]))
+    with torch.no_grad():  # q/k/v biases and q/k norm weights away from their 0 / 1 init
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "q_norm.weight", "k_norm.weight")):
+                p.add_(torch.randn(p.shape) * 0.3)
+    return model
 
 
 def _lean(model, **switches):
@@ -76,12 +87,13 @@ def _grads(model, recompute: bool, retain: bool = False):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_recomputed_activations_give_bit_identical_gradients():
+@pytest.mark.parametrize("family", list(FAMILY_FLAGS))
+def test_recomputed_activations_give_bit_identical_gradients(family):
     import lora
     from model.nf4 import quantize_model_linears
-    full = _lean(_tiny_model())
-    with_lora = _lean(lora.apply_lora(_tiny_model(), r=4, targets="all-linear", dropout=0.1))
-    qlora = _lean(lora.apply_lora(quantize_model_linears(_tiny_model()), r=4, targets="all-linear"))
+    full = _lean(_tiny_model(family=family))
+    with_lora = _lean(lora.apply_lora(_tiny_model(family=family), r=4, targets="all-linear", dropout=0.1))
+    qlora = _lean(lora.apply_lora(quantize_model_linears(_tiny_model(family=family)), r=4, targets="all-linear"))
     for model in (full, with_lora, qlora):
         for retain in (False, True):
             kept, recomputed = _grads(model, False, retain), _grads(model, True, retain)
@@ -131,12 +143,16 @@ def test_backward_computes_silu_once_per_layer():
         assert CountSilu.n == per_layer * len(model.layers), (recompute, CountSilu.n)
 
 
-def test_speedups_give_the_plain_models_gradients():
-    """apply() swaps classes in place: same parameters, same gradients. Recomputation alone is
-    bit-exact; the hand-written backward and oneDNN products round differently (fp32 sums in
-    another order), so those are compared at fp32 tolerance: |a - b| <= 1e-5 |b| + 1e-6."""
+@pytest.mark.parametrize("family", list(FAMILY_FLAGS))
+def test_speedups_give_the_plain_models_gradients(family):
+    """apply() swaps classes in place (the q/k norms of qwen3 too): same parameters, same
+    gradients. Recomputation alone is bit-exact; the hand-written backward and oneDNN products
+    round differently (fp32 sums in another order), so those are compared at fp32 tolerance:
+    |a - b| <= 1e-5 |b| + 1e-6."""
     import lora
-    for make in (_tiny_model, lambda: lora.apply_lora(_tiny_model(), r=4, targets="all-linear")):
+    from model.speedups import LeanRMSNorm
+    for make in (lambda: _tiny_model(family=family),
+                 lambda: lora.apply_lora(_tiny_model(family=family), r=4, targets="all-linear")):
         plain = _grads(make(), recompute=False)
         recomputed = _grads(_lean(make(), lean_backward=False), recompute=True)
         assert plain.keys() == recomputed.keys()
@@ -152,3 +168,5 @@ def test_speedups_give_the_plain_models_gradients():
             for name in plain:
                 torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
             assert state.lean_backward and state.recompute
+            if family == "qwen3":
+                assert type(applied.layers[0].self_attn.q_norm) is LeanRMSNorm

@@ -238,7 +238,8 @@ def test_unknown_architecture_is_a_one_line_error(pico_q8, tmp_path):
 
 def test_sliding_window_caps_the_context_length(pico_q8, tmp_path):
     folder, _ = pico_q8
-    swa = _folder_copy(folder, tmp_path / "swa", {"architectures": ["MistralForCausalLM"], "sliding_window": 128})
+    swa = _folder_copy(folder, tmp_path / "swa", {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                                                  "sliding_window": 128})
     m = read_gguf(export_gguf(swa, tmp_path / "s.gguf", "f16").path).metadata
     assert (m["llama.context_length"], m["llama.attention.sliding_window"]) == (128, 128)
 
@@ -264,3 +265,22 @@ def test_byte_level_bpe_vocab_with_added_tokens_and_an_unknown_split_is_refused(
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(SFTError, match=r"tokenizer.json: pre_tokenizer split pattern .* is not one llama.cpp knows"):
         vocab_metadata(tmp_path, 6)
+
+
+def test_a_training_run_writes_its_gguf_with_the_chat_template_it_learned(tiny_dir, tmp_path):
+    from data.jinja_sources import KNOWN_JINJA
+    from model.gguf import read_gguf
+    from training.config import load_config
+    from training.loop import train
+    common = [f"model.path={tiny_dir}", f"run.out_dir={tmp_path}", "data.max_records=12", "data.max_seq_len=64",
+              "data.template=alpaca", "train.batch_size=2", "train.max_steps=2", "eval.sample_prompts=0",
+              "export.gguf=q8_0"]
+    with pytest.raises(SFTError, match="export.gguf=q8_0 with model.finetune=lora .* lora.save_merged=true"):
+        load_config(None, common + ["run.name=lora", "model.finetune=lora"])
+    for name, extra in (("full", []), ("lora", ["model.finetune=lora", "lora.save_merged=true"])):
+        summary = train(load_config(None, common + [f"run.name={name}", *extra]))
+        path = tmp_path / name / f"{name}-q8_0.gguf"
+        assert summary["gguf"] == str(path)
+        meta = read_gguf(path).metadata
+        assert meta["tokenizer.chat_template"] == KNOWN_JINJA["alpaca"]  # pico has none of its own
+        assert meta["general.file_type"] == 7  # MOSTLY_Q8_0

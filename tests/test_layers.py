@@ -1,6 +1,6 @@
 """Imports point one way (../shared/docs/DESIGN.md), so the code reads top to bottom:
 
-    bottom (model/errors, files, cli, options) <- model/ + lora.py <- data/ <- training/, evaluation/
+    bottom (model/errors, files, cli, options, svg) <- model/ + lora.py <- data/ <- training/, evaluation/
     <- scripts (train.py, eval.py, demo.py, bench/*): leaves that nothing but tests imports.
 A private helper of the bench scripts (bench/_name.py) sits just below them: only bench scripts
 import it.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BOTTOM = {"model.errors", "model.files", "model.cli", "model.options"}
+BOTTOM = {"model.errors", "model.files", "model.cli", "model.options", "model.svg"}
 SCRIPTS = {"train", "eval", "demo"}
 # layer -> the layers it may import (itself included)
 ALLOWED = {"bottom": {"bottom"}, "model": {"bottom", "model"}, "data": {"bottom", "model", "data"},

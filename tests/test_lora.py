@@ -51,7 +51,7 @@ def test_rslora_scales_by_alpha_over_sqrt_r():
 
 def test_all_linear_targets_every_projection_but_the_head():
     model = lora.apply_lora(tiny_model(), targets="all-linear")
-    assert set(model.lora_config["target_modules"]) == {
+    assert set(lora.adapter_config(model).target_modules) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert type(model.lm_head) is nn.Linear and len(lora.lora_layers(model)) == 14
 
@@ -128,7 +128,7 @@ def test_an_optimizer_step_changes_only_lora_parameters(quantized):
 def test_train_embeddings_and_head_are_optional_extras():
     model = lora.apply_lora(tiny_model(), train_embeddings=True)
     assert model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
-    assert model.lora_config["modules_to_save"] == ["embed_tokens"]
+    assert lora.adapter_config(model).modules_to_save == ["embed_tokens"]
 
 
 def test_save_then_load_adapter_round_trips_in_peft_layout(tmp_path):
@@ -222,3 +222,31 @@ def test_load_adapter_reports_missing_tensors(tmp_path):
     save_file(tensors, path)
     with pytest.raises(SFTError, match="missing 2 adapter tensors"):
         lora.load_adapter(tiny_model(), tmp_path / "a")
+
+
+def test_bf16_lora_keeps_its_input_not_an_fp32_copy_with_the_same_gradients():
+    """The fp32 adapter of a bf16 (or 4-bit) model keeps the bf16 input for backward, once for
+    q/k/v together, instead of one fp32 copy per projection; the gradients are the same bits."""
+    def run(old_path: bool):
+        torch.manual_seed(0)
+        model = lora.apply_lora(quantize_model_linears(tiny_model().to(torch.bfloat16), torch.bfloat16),
+                                r=4, targets="all-linear")
+        randomize_lora_b(model)
+        if old_path:  # a Dropout(0) takes the plain module path: autograd keeps x.to(fp32)
+            for layer in lora.lora_layers(model).values():
+                layer.lora_dropout = nn.Dropout(0.0)
+        saved = {}  # bytes kept for backward, per storage
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = masked_ce_sum(model, model(ids(), return_hidden=True), ids())
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return sum(saved.values()), grads
+    new_bytes, new = run(False)
+    old_bytes, old = run(True)
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    print(f"\nbytes kept for backward: {new_bytes} (bf16 input) vs {old_bytes} (fp32 copies)")
+    assert new_bytes < 0.8 * old_bytes, (new_bytes, old_bytes)

@@ -122,5 +122,25 @@ def test_inspect_cli_marks_trained_spans_and_writes_an_html_page(pico_dir, tmp_p
     out = capsys.readouterr().out
     assert "### Response:\n[[Hi there</s>]]" in out and "kept 1 samples" in out
     html = page.read_text()
-    assert 'class="t"' in html and 'class="m"' in html
+    assert 'class="answer"' in html and 'class="context m"' in html  # trained answer, masked prompt
     assert main(["--data", str(data), "--model", str(pico_dir), "--template", "nope", "--html", str(page)]) == 2
+
+
+def test_inspect_colours_tool_calls_results_and_reasoning_and_counts_them(pico_dir, tmp_path, capsys):
+    import json
+    from data.inspect import main
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2}"}}
+    record = {"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}],
+              "messages": [{"role": "user", "content": "2+?"},
+                           {"role": "assistant", "content": None, "reasoning_content": "Use add.", "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "c1", "content": "4"},
+                           {"role": "assistant", "content": "It is 4."}]}
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    page = tmp_path / "page.html"
+    assert main(["--data", str(data), "--model", str(pico_dir), "--template", "qwen3", "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert "per part:" in out and "tool_call" in out and "tool_result" in out and "reasoning" in out
+    html = page.read_text()
+    for cls in ('class="tool_call"', 'class="tool_result m"', 'class="reasoning"', 'class="answer"'):
+        assert cls in html, cls

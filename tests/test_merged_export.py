@@ -113,7 +113,7 @@ def test_a_lazy_tensor_that_breaks_its_declared_shape_is_an_error(tmp_path):
 
 def test_save_pretrained_still_refuses_an_unmerged_lora_model(pico_dir, tmp_path):
     model = _lora_model(pico_dir, quantized=True)
-    with pytest.raises(SFTError, match="non-Llama weights"):
+    with pytest.raises(SFTError, match="weights a plain model lacks"):
         save_pretrained(model, tmp_path / "full")
     assert not (tmp_path / "full").exists()
 

@@ -150,7 +150,7 @@ def test_rope_scaling_linear_and_llama3_rescale_low_frequencies_only_for_llama3(
 def test_missing_config_key_names_the_source_and_key():
     with pytest.raises(SFTError, match=r"my/config.json.*'hidden_size'"):
         Config.from_hf({"vocab_size": 3}, source="my/config.json")
-    with pytest.raises(SFTError, match=r"c.json: num_hidden_layers must be a positive integer, got '2'"):
+    with pytest.raises(SFTError, match=r"c.json: 'num_hidden_layers' must be int, got '2'"):
         Config.from_hf(dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers="2",
                             num_attention_heads=2), source="c.json")
     with pytest.raises(SFTError, match="rope scaling type 'yarn'"):

@@ -5,8 +5,9 @@ import pytest
 
 from data import synth
 from data.constraints import check_instruction
-from data.synth import (constrained_responses, eliminate, evol_instruct, parse_task, read_jsonl,
-                        rouge_l, self_instruct)
+from data.synth import (ConstrainedOptions, SelfInstructOptions, constrained_responses, eliminate,
+                        evol_instruct, parse_task, read_jsonl, read_seed_tasks, rouge_l, self_instruct)
+from data.teacher import Completion
 
 
 class ScriptedTeacher:
@@ -21,6 +22,9 @@ class ScriptedTeacher:
 
     def complete_many(self, batch, max_tokens=256, temperature=0.0):
         return [self.complete(m, max_tokens, temperature) for m in batch]
+
+    def completions(self, batch, max_tokens=256, temperature=0.0):
+        return [Completion(t) for t in self.complete_many(batch, max_tokens, temperature)]
 
 
 def test_rouge_l_is_the_lcs_f1_of_words():
@@ -45,10 +49,11 @@ def test_self_instruct_keeps_novel_tasks_counts_duplicates_and_malformed_and_res
                     " Summarise the story of Hamlet in two sentences.\nInput: <noinput>\nOutput: A prince..."])
     teacher = ScriptedTeacher(lambda _: next(answers))
     out = tmp_path / "si.jsonl"
-    stats = self_instruct(teacher, str(seeds), str(out), num_instructions=2, batch_size=1, max_rounds=10)
+    opts = SelfInstructOptions(num_instructions=2, batch_size=1, max_rounds=10)
+    stats = self_instruct(teacher, read_seed_tasks(seeds), str(out), opts)
     assert stats["accepted"] == 2 and stats["not_novel"] == 1 and stats["malformed"] == 1
     assert [r["instruction"] for r in read_jsonl(out)][0] == "Translate the word cat into French."
-    again = self_instruct(teacher, str(seeds), str(out), num_instructions=2)
+    again = self_instruct(teacher, read_seed_tasks(seeds), str(out), opts)
     assert again["resumed"] == 2 and again["asked"] == 0
 
 
@@ -74,7 +79,7 @@ def test_constrained_keeps_only_answers_that_pass_their_checker(tmp_path, monkey
     answers = iter(["Yes, sure.", "Yes sure.", "a, b", "c, d"])
     recs = [{"instruction": "Say yes.", "input": ""}, {"instruction": "List two.", "input": ""}]
     out = tmp_path / "c.jsonl"
-    stats = constrained_responses(ScriptedTeacher(lambda _: next(answers)), recs, str(out), attempts=2)
+    stats = constrained_responses(ScriptedTeacher(lambda _: next(answers)), recs, str(out), ConstrainedOptions(attempts=2))
     rows = read_jsonl(out)
     assert stats == {"resumed": 0, "accepted": 1, "no_passing_answer": 1, "answers_rejected": 3}
     assert rows[0]["output"] == "Yes sure." and rows[0]["attempts"] == 2
@@ -88,3 +93,64 @@ def test_sampled_constraints_are_checkable():
     for _ in range(200):
         iid, kw = synth.sample_constraint(rng, "Write a poem about the ocean waves.")
         check_instruction(iid, kw, "some answer")  # raises if kwargs were incomplete
+
+
+def test_an_answer_with_reasoning_keeps_it_as_a_think_block_that_loaders_split_back(tmp_path):
+    from data.formats import load_conversations
+
+    class ThinkingTeacher(ScriptedTeacher):
+        def completions(self, batch, max_tokens=256, temperature=0.0):
+            return [Completion(t, reasoning="Mango is tropical.") for t in self.complete_many(batch)]
+
+    def answer(prompt):
+        return "Name a tropical fruit grown in Asia and say why." if "#Given Prompt#" in prompt else "Mango, sweet."
+    out = tmp_path / "e.jsonl"
+    evol_instruct(ThinkingTeacher(answer), [{"instruction": "Name a fruit.", "input": ""}], str(out))
+    conv = load_conversations(out)[0]
+    assert conv[-1] == {"role": "assistant", "content": "Mango, sweet.", "reasoning": "Mango is tropical."}
+
+
+def _synth_config(tmp_path, body: str):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"instruction": "Seed task one.", "instances": [{"input": "", "output": "o"}]}))
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(body.replace("SEEDS", str(seeds)).replace("OUT", str(tmp_path / "out")))
+    return cfg
+
+
+GOOD_HEAD = 'output_dir = "OUT"\n[teacher]\nbase_url = "http://127.0.0.1:9/v1"\n'
+
+
+@pytest.mark.parametrize("body,argv,words", [
+    (GOOD_HEAD + '[self_instruct]\nseed_path = "SEEDS"\nnum_instruction = 3\n', [],
+     ["s.toml", "'self_instruct.num_instruction'", "did you mean 'self_instruct.num_instructions'"]),
+    (GOOD_HEAD + '[self_instruct]\nseed_path = "SEEDS"\nrouge_threshold = 1.5\n', [],
+     ["s.toml", "self_instruct.rouge_threshold", "<= 1"]),
+    (GOOD_HEAD + '[evol]\ninput = "x.json"\nlimit = "four"\n', [], ["s.toml", "evol.limit", "int"]),
+    (GOOD_HEAD + '[evol]\ninput = "x.json"\nmethods = ["deeper"]\n', [], ["s.toml", "evol.methods", "'deeper'", "deepen"]),
+    (GOOD_HEAD + '[evol]\nlimit = 4\n', [], ["s.toml", "[evol] sets options but no input", "evol.input"]),
+    (GOOD_HEAD, [], ["s.toml", "nothing to do", "answers.input"]),
+    ('output_dir = "OUT"\n[teacher]\nmodel_dir = "m"\nbase_url = "http://h/v1"\n[self_instruct]\nseed_path = "SEEDS"\n',
+     [], ["s.toml", "exactly one of model_dir", "both"]),
+    (GOOD_HEAD + '[self_instruct]\nseed_path = "SEEDS"\n', ["teacher.max_retries=-1"],
+     ["command line", "teacher.max_retries", ">= 0"]),
+    (GOOD_HEAD + '[self_instruct]\nseed_path = "SEEDS"\n', ["teacher.template=qwen4"],
+     ["command line", "teacher.template", "did you mean 'qwen3'"]),
+    (GOOD_HEAD + '[self_instruct]\nseed_path = "SEEDS"\n[bogus]\nx = 1\n', [], ["s.toml", "unknown option 'bogus.x'"]),
+    ('[teacher]\nbase_url = "http://h/v1"\n[self_instruct]\nseed_path = "SEEDS"\n', [], ["s.toml", "output_dir"]),
+])
+def test_synth_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, body, argv, words):
+    cfg = _synth_config(tmp_path, body)
+    assert synth.main(["--config", str(cfg), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synth_help_lists_every_loop_option_with_its_range(capsys):
+    with pytest.raises(SystemExit):
+        synth.main(["--help"])
+    out = capsys.readouterr().out
+    assert "self_instruct.rouge_threshold" in out and "(> 0 and <= 1)" in out
+    assert "answers.tools" in out and "teacher.backoff" in out

@@ -8,6 +8,13 @@ from data.templates import (KNOWN_JINJA, TEMPLATES, normalize_jinja, render, ren
 from model.errors import SFTError
 
 SYSTEM = {"role": "system", "content": "Be brief."}
+NO_SYSTEM = {"mistral-legacy"}  # its Jinja raises on a system message, and so do we (tested below)
+
+
+def with_system(name: str) -> list:
+    return CONV if name in NO_SYSTEM else [SYSTEM] + CONV
+
+
 CONV = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
 
@@ -31,13 +38,13 @@ def test_known_renderings_of_each_family():
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_segments_join_to_the_rendered_text(name):
-    for messages in (CONV, [SYSTEM] + CONV):
+    for messages in (CONV, with_system(name)):
         assert "".join(t for t, _ in render_segments(name, messages)) == render(name, messages)
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_trainable_segments_are_the_assistant_replies_and_their_end_marker(name):
-    trained = [t for t, part in render_segments(name, [SYSTEM] + CONV) if part is Part.ANSWER]
+    trained = [t for t, part in render_segments(name, with_system(name)) if part is Part.ANSWER]
     end = stop_strings(name)[0]
     assert ["".join(t.split()) for t in trained] == [f"Hello!{end}", f"Seeyou.{end}"]
 
@@ -45,7 +52,7 @@ def test_trainable_segments_are_the_assistant_replies_and_their_end_marker(name)
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_training_prompt_equals_the_inference_prompt(name):
     """The text before each assistant turn is what render(..., add_generation_prompt=True) gives."""
-    for messages in (CONV, [SYSTEM] + CONV):
+    for messages in (CONV, with_system(name)):
         segs = render_segments(name, messages)
         replies = [run[0] for run in assistant_turns(segs)]
         user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
@@ -81,9 +88,16 @@ def test_template_from_tokenizer_config_maps_known_templates(tiny_llama2_dir):
 
 
 def test_template_from_tokenizer_config_says_to_set_template_when_unknown(pico_dir):
-    with pytest.raises(SFTError, match="no chat_template.*set template="):
+    with pytest.raises(SFTError, match="no chat_template.*data.template=NAME"):
         template_from_tokenizer_config(pico_dir)
-    with pytest.raises(SFTError, match="looks like the chatml family.*set template="):
+    with pytest.raises(SFTError, match="looks like the chatml family.*data.template=NAME"):
         template_from_tokenizer_config({"chat_template": "{{ '<|im_start|>' + messages[0]['content'] }}"})
     with pytest.raises(SFTError, match="unknown chat_template"):
         template_from_tokenizer_config({"chat_template": "{{ messages }}"})
+
+
+def test_mistral_legacy_is_the_released_v02_text_without_a_system_message():
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Q"}]
+    assert render("mistral-legacy", conv, add_generation_prompt=True) == "<s>[INST] Hi [/INST]Yo</s>[INST] Q [/INST]"
+    with pytest.raises(SFTError, match="'mistral-legacy' has no system message"):
+        render("mistral-legacy", [{"role": "system", "content": "S"}] + conv)

@@ -131,8 +131,12 @@ def test_keep_last_n_prunes_old_checkpoints_and_final_model_loads(tmp_path, tiny
 
 def test_existing_run_folder_is_not_silently_reused(tmp_path, tiny_dir):
     T.train(cfg_for(tmp_path, tiny_dir, "twice", "train.max_steps=1"))
-    with pytest.raises(T.SFTError, match="run.resume=true.*run.overwrite=true"):
+    with pytest.raises(T.SFTError, match="finished run.*run.overwrite=true") as err:  # nothing to resume
         T.train(cfg_for(tmp_path, tiny_dir, "twice", "train.max_steps=1"))
+    assert "run.resume" not in str(err.value)
+    T.train(cfg_for(tmp_path, tiny_dir, "saved", "train.max_steps=1", "run.save_every=1"))
+    with pytest.raises(T.SFTError, match="run.resume=true.*run.overwrite=true"):
+        T.train(cfg_for(tmp_path, tiny_dir, "saved", "train.max_steps=1"))
 
 
 def test_cli_prints_config_errors_on_one_line_and_exits_2(capsys):

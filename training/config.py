@@ -29,6 +29,7 @@ from model.options import to_toml
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["float32", "bf16-mixed", "bfloat16"]
 Finetune = Literal["full", "lora", "qlora"]
+GGUFType = Literal["", "f32", "f16", "bf16", "q8_0", "q4_0"]
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ModelConfig:
                        "bfloat16 (one process: pure bf16, no fp32 copy). Under torchrun both bf16 "
                        "options keep fp32 shards and compute in bf16")
     finetune: Finetune = opt("full", "which weights train")
+    init_untrained_tokens: bool = opt(False, "set the embedding rows of special tokens the data uses "
+                                      "that look untrained (base checkpoints) to the mean of the "
+                                      "trained rows (full fine-tuning only; model/untrained.py)")
 
 
 @dataclass
@@ -100,6 +104,12 @@ class LoraConfig:
 
 
 @dataclass
+class ExportConfig:
+    gguf: GGUFType = opt("", "also write <run>/<run.name>-<type>.gguf for llama.cpp / Ollama "
+                         "(model/gguf.py; empty: none); a LoRA/QLoRA run needs lora.save_merged=true")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -108,6 +118,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # names other tools use for our options: difflib cannot guess that learning_rate means lr
@@ -133,6 +144,12 @@ def validate(cfg: Config) -> None:
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise SFTError("config: set train.max_steps or train.epochs > 0")
     validate_data(cfg.data)
+    if cfg.model.init_untrained_tokens and cfg.model.finetune != "full":
+        raise SFTError(f"config: model.init_untrained_tokens=true changes base-model embedding rows, "
+                       f"which a {cfg.model.finetune} adapter does not save; use model.finetune=full")
+    if cfg.export.gguf and cfg.model.finetune != "full" and not cfg.lora.save_merged:
+        raise SFTError(f"config: export.gguf={cfg.export.gguf} with model.finetune={cfg.model.finetune} is "
+                       "written from the merged model: set lora.save_merged=true too")
     if not cfg.run.name.strip() or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise SFTError(f"config: 'run.name' must be a folder name (no '/'), got {cfg.run.name!r}")
 

@@ -156,14 +156,15 @@ def shard_model(model: nn.Module, mixed_precision: bool, activation_checkpointin
     Order matters: checkpointing and compile wrap the block's forward first, so FSDP's
     all-gather hooks stay outside them (the recompute in backward sees unsharded weights).
     mixed_precision: compute in bf16 from fp32 shards, reduce gradients in fp32 (bf16 runs).
-    In one process (no process group) only checkpointing/compile are applied.
+    Without a process group only checkpointing/compile are applied; a group of one process
+    (bench/gpu_proof.py opens one to prove the FSDP path on a single GPU) is sharded too.
     """
     if activation_checkpointing:
         checkpoint_blocks(model)
     if compile:
         for block in model.layers:
             block.compile()  # in place: module names, hence state-dict keys, are unchanged
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from model.files import atomic_write, read_jsonl
+from model.svg import line_chart
 
 
 class MetricsLog:
@@ -48,41 +49,12 @@ class MetricsLog:
         self._file.close()
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
-
-
-def loss_svg(records: list[dict], width: int = 640, height: int = 360) -> str:
-    """SVG text of train loss (line) and eval loss (dots) against the optimizer step."""
+def loss_svg(records: list[dict]) -> str:
+    """SVG text of the train loss (line) and, when there is one, the held-out loss (dots)."""
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
-    pts = train + evals
-    pad_l, pad_r, pad_t, pad_b = 56, 16, 24, 40
-    w, h = width - pad_l - pad_r, height - pad_t - pad_b
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>']
-    if pts:
-        x_lo, x_hi = min(p[0] for p in pts), max(p[0] for p in pts)
-        y_lo, y_hi = min(p[1] for p in pts), max(p[1] for p in pts)
-        x_hi, y_hi = max(x_hi, x_lo + 1), max(y_hi, y_lo + 1e-6)
-        X = lambda s: pad_l + (s - x_lo) / (x_hi - x_lo) * w  # noqa: E731
-        Y = lambda v: pad_t + (y_hi - v) / (y_hi - y_lo) * h  # noqa: E731
-        for v in _ticks(y_lo, y_hi):  # horizontal grid + y labels
-            out.append(f'<line x1="{pad_l}" x2="{pad_l + w}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" '
-                       f'stroke="#ddd"/><text x="{pad_l - 4}" y="{Y(v) + 4:.1f}" '
-                       f'text-anchor="end">{v:.3f}</text>')
-        for s in _ticks(x_lo, x_hi):
-            out.append(f'<text x="{X(s):.1f}" y="{pad_t + h + 16}" text-anchor="middle">'
-                       f'{s:.0f}</text>')
-        if train:
-            line = " ".join(f"{X(s):.1f},{Y(v):.1f}" for s, v in train)
-            out.append(f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>')
-        out += [f'<circle cx="{X(s):.1f}" cy="{Y(v):.1f}" r="3.5" fill="#d62728"/>' for s, v in evals]
-    out.append(f'<text x="{pad_l + w / 2}" y="{height - 6}" text-anchor="middle">optimizer step'
-               f'</text><text x="{pad_l}" y="14">loss: train (blue line), held-out (red dots)</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    title = "loss: train (blue line)" + (", held-out (red dots)" if evals else "")
+    return line_chart(train, evals, title, "optimizer step")
 
 
 def write_loss_svg(records: list[dict], path: Path) -> None:

@@ -24,9 +24,9 @@ Rows = dict[str, torch.Tensor]
 
 
 def to_device(rows: Rows, idx: list[int], device) -> Rows:
-    """Rows `idx` of the pre-collated (N, T) tensors -> a (B, T) micro-batch on `device`."""
+    """Rows `idx` of the pre-collated (N, T) tensors -> a (B, T) int64 micro-batch on `device`."""
     sel = torch.tensor(idx)
-    return {k: v.index_select(0, sel).to(device, non_blocking=True) for k, v in rows.items()}
+    return {k: v.index_select(0, sel).to(device, non_blocking=True).long() for k, v in rows.items()}
 
 
 def trainable_tokens(batch: Rows) -> int:

@@ -132,6 +132,18 @@ def test_tiny_llama2_tokenizer_config_maps_to_llama2_and_apply_chat_template_agr
         assert tok.apply_chat_template(messages, tokenize=False) == render("llama2", messages)
 
 
+def test_mistral_legacy_matches_the_released_v02_jinja_and_refuses_a_system_message_like_it():
+    for messages in [TURNS[:2], TURNS[:4], TURNS]:
+        assert render("mistral-legacy", messages) == jinja("mistral-legacy", messages)
+    for messages in [TURNS[:1], TURNS[:3]]:
+        assert render("mistral-legacy", messages, add_generation_prompt=True) == jinja("mistral-legacy", messages, True)
+    assert template_from_tokenizer_config({"chat_template": fixture("mistral-legacy")}) == "mistral-legacy"
+    with pytest.raises(Exception, match="roles must alternate|Only user and assistant roles"):
+        jinja("mistral-legacy", [SYSTEM] + TURNS[:2])
+    with pytest.raises(SFTError, match="'mistral-legacy' has no system message"):
+        render("mistral-legacy", [SYSTEM] + TURNS[:2])
+
+
 def test_mistral_v01_template_rejects_a_system_message_and_is_not_mapped():
     v01 = fixture("mistral_v0.1")
     with pytest.raises(Exception, match="roles"):

@@ -1,6 +1,6 @@
 """Tokenizer speed: our byte-level BPE (model/bpe.py, pure Python) vs the `tokenizers` library.
 
-    python bench/tokenize.py [--rounds 1] [--profile]
+    python bench/tokenizer_speed.py [--rounds 1] [--profile]
 
 Texts: every text of the shared OASST2 trees, ShareGPT (FastChat), GSM8K and Alpaca files
 (`data.formats.record_texts`: 20,496 texts, 5.3M characters). Vocabularies: Llama-3
@@ -17,7 +17,7 @@ ends the output: `bpe_speed_ratio` = our cold tokens/s / theirs on the Llama-3 v
 >= 0.5), `bpe_speed_ratio_warm`, the same for Qwen2, the tokens/s and load seconds.
 
 Measured on the shared 2-core test machine (load average 2-4 from other jobs, so figures move by
-+-30%) with `python bench/tokenize.py --rounds 2 --profile` (tokenizers 0.23.3), best of 4 runs:
++-30%) with `python bench/tokenizer_speed.py --rounds 2 --profile` (tokenizers 0.23.3), best of 4 runs:
 
     Llama-3  ours   cold 552,446 tok/s  warm 1,074,475   load 0.90 s
              theirs cold 295,406 tok/s  warm   311,330   load 0.67 s   ratio 1.87 cold, 3.45 warm

@@ -1,22 +1,28 @@
-"""Data-quality filters: each takes records and returns (kept, rejected-with-reason).
+"""Data-quality filters (dedup, length, perplexity, judge): records in, (kept, rejected-with-reason) out.
 
-LIMA and AlpaGasus showed that a few thousand good examples beat many mediocre ones; these
-filters are how one gets there without losing anything: every dropped record is written to a
-rejects file with the reason, so a threshold can be judged by reading what it removed.
+The library half of `python -m data.filter` (data/filter.py, the command that runs these in
+sequence from a config). LIMA and AlpaGasus showed that a few thousand good examples beat many
+mediocre ones; these filters are how one gets there without losing anything: every dropped
+record is written to a rejects file with the reason, so a threshold can be judged by reading
+what it removed.
 
 A *record* is whatever the input file holds (Alpaca `instruction/input/output`, ShareGPT
 `conversations`, OpenAI `messages`); `prompt_and_response` reads the text a filter looks at
 and the record itself is written back unchanged.
 
-* `exact_dedup`, `near_dedup`: see data/dedup.py (normalised hash; MinHash + LSH).
-* `length_filter`: characters or tokens of prompt and response, and the response/prompt ratio
-  (a one-word answer to a long request is rarely a good example).
-* `perplexity_filter`: the response's perplexity under a model, exp(CE summed over the
-  response tokens / their count), with the prompt as context. Very low perplexity flags
-  boilerplate and repetition, very high flags noise; we drop chosen quantiles of both tails.
-  The CE comes from model/loss.py `masked_ce_sum`, one row at a time on a batched forward.
-* `judge_filter`: a teacher (data/teacher.py) rates each example 1-5 with a reason;
-  `parse_score` finds the score in free text ("Score: 4", "4/5", "**Rating**: 4 - good").
+Each filter's options are one dataclass (the `[[filters]]` table of that `type` in a config,
+checked by model/options.py); a function takes the records and those options:
+
+* `exact_dedup`, `near_dedup` (NearDedup): see data/dedup.py (normalised hash; MinHash + LSH).
+* `length_filter` (LengthFilter): characters or tokens of prompt and response, and the
+  response/prompt ratio (a one-word answer to a long request is rarely a good example).
+* `perplexity_filter` (PerplexityFilter): the response's perplexity under a model,
+  exp(CE summed over the response tokens / their count), with the prompt as context. Very low
+  perplexity flags boilerplate and repetition, very high flags noise; we drop chosen quantiles
+  of both tails. The CE comes from model/loss.py `masked_ce_sum`, one row at a time on a
+  batched forward.
+* `judge_filter` (JudgeFilter): a teacher (data/teacher.py) rates each example 1-5 with a
+  reason; `parse_score` finds the score in free text ("Score: 4", "4/5", "**Rating**: 4 - good").
   An answer with no score is counted as malformed and the record is rejected, not the run.
 """
 from __future__ import annotations
@@ -24,15 +30,22 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from tqdm import tqdm
 
 from data import formats
 from data.dedup import exact_duplicates, near_duplicates
+from data.teacher import TemplateChoice
 from model.errors import SFTError
 from model.files import atomic_write
 from model.loss import IGNORE_INDEX
+from model.options import opt
 
 Rejects = list[tuple[dict, str]]
+Keep = Literal["first", "longest"]
 
 
 def prompt_and_response(record: dict) -> tuple[str, str]:
@@ -57,20 +70,31 @@ def record_messages(record: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------ dedup
 
-def exact_dedup(records: list[dict]) -> tuple[list[dict], Rejects]:
+@dataclass
+class ExactDedup:
+    """Drop a record whose normalised prompt and response an earlier record has (no options)."""
+
+
+@dataclass
+class NearDedup:
+    threshold: float = opt(0.7, "estimated Jaccard similarity of word shingles that makes a duplicate",
+                           gt=0, le=1)
+    num_perm: int = opt(128, "MinHash permutations (signature length)", ge=1)
+    ngram: int = opt(3, "words per shingle", ge=1)
+    keep: Keep = opt("first", "which record of a cluster stays: the first, or the longest response")
+
+
+def exact_dedup(records: list[dict], opts: ExactDedup | None = None) -> tuple[list[dict], Rejects]:
     dup = exact_duplicates(["\n".join(prompt_and_response(r)) for r in records])
     kept = [r for r, d in zip(records, dup) if d is None]
     return kept, [(r, f"exact duplicate of record {d}") for r, d in zip(records, dup) if d is not None]
 
 
-def near_dedup(records: list[dict], threshold: float = 0.7, num_perm: int = 128, ngram: int = 3,
-               keep: str = "first") -> tuple[list[dict], Rejects]:
-    """keep='first' or 'longest' (the longest response of each cluster)."""
-    if keep not in ("first", "longest"):
-        raise SFTError(f"near_dedup: keep must be 'first' or 'longest', got {keep!r}")
+def near_dedup(records: list[dict], opts: NearDedup | None = None) -> tuple[list[dict], Rejects]:
+    o = opts or NearDedup()
     texts = ["\n".join(prompt_and_response(r)) for r in records]
-    scores = [len(prompt_and_response(r)[1]) for r in records] if keep == "longest" else None
-    res = near_duplicates(texts, threshold, num_perm, ngram, scores=scores)
+    scores = [len(prompt_and_response(r)[1]) for r in records] if o.keep == "longest" else None
+    res = near_duplicates(texts, o.threshold, o.num_perm, o.ngram, scores=scores)
     kept = [r for r, d in zip(records, res) if d is None]
     rejects = [(r, f"near duplicate of record {d[0]} (estimated Jaccard {d[1]:.2f})")
                for r, d in zip(records, res) if d is not None]
@@ -79,26 +103,39 @@ def near_dedup(records: list[dict], threshold: float = 0.7, num_perm: int = 128,
 
 # ----------------------------------------------------------------------------- length
 
-def length_filter(records: list[dict], min_prompt_chars: int = 0, max_prompt_chars: int = 10**9,
-                  min_response_chars: int = 1, max_response_chars: int = 10**9,
-                  max_total_tokens: int | None = None, tokenizer=None,
-                  min_ratio: float = 0.0, max_ratio: float = math.inf) -> tuple[list[dict], Rejects]:
+@dataclass
+class LengthFilter:
+    min_prompt_chars: int = opt(0, "prompt characters at least", ge=0)
+    max_prompt_chars: int = opt(0, "prompt characters at most (0: no limit)", ge=0)
+    min_response_chars: int = opt(1, "response characters at least", ge=0)
+    max_response_chars: int = opt(0, "response characters at most (0: no limit)", ge=0)
+    min_ratio: float = opt(0.0, "response/prompt characters at least", ge=0)
+    max_ratio: float = opt(0.0, "response/prompt characters at most (0: no limit)", ge=0)
+    max_total_tokens: int = opt(0, "prompt + response tokens at most (0: no limit; needs model_dir)", ge=0)
+    model_dir: str = opt("", "model folder whose tokenizer counts the tokens of max_total_tokens")
+
+
+def length_filter(records: list[dict], opts: LengthFilter | None = None,
+                  tokenizer=None) -> tuple[list[dict], Rejects]:
     """Bounds on characters, total tokens (needs `tokenizer`) and response/prompt char ratio."""
+    o = opts or LengthFilter()
+    if o.max_total_tokens and tokenizer is None:
+        raise SFTError("length filter: max_total_tokens needs a tokenizer (model_dir in a config)")
     kept, rejects = [], []
-    for r in records:
+    for r in tqdm(records, desc="length", unit="record", leave=False, disable=None):
         p, a = prompt_and_response(r)
         ratio = len(a) / max(len(p), 1)
         reason = None
-        if not min_prompt_chars <= len(p) <= max_prompt_chars:
-            reason = f"prompt has {len(p)} chars, outside [{min_prompt_chars}, {max_prompt_chars}]"
-        elif not min_response_chars <= len(a) <= max_response_chars:
-            reason = f"response has {len(a)} chars, outside [{min_response_chars}, {max_response_chars}]"
-        elif not min_ratio <= ratio <= max_ratio:
-            reason = f"response/prompt ratio {ratio:.2f} outside [{min_ratio}, {max_ratio}]"
-        elif max_total_tokens is not None:
+        if not o.min_prompt_chars <= len(p) <= (o.max_prompt_chars or math.inf):
+            reason = f"prompt has {len(p)} chars, outside [{o.min_prompt_chars}, {o.max_prompt_chars or 'inf'}]"
+        elif not o.min_response_chars <= len(a) <= (o.max_response_chars or math.inf):
+            reason = f"response has {len(a)} chars, outside [{o.min_response_chars}, {o.max_response_chars or 'inf'}]"
+        elif not o.min_ratio <= ratio <= (o.max_ratio or math.inf):
+            reason = f"response/prompt ratio {ratio:.2f} outside [{o.min_ratio}, {o.max_ratio or 'inf'}]"
+        elif o.max_total_tokens:
             n = len(tokenizer.encode(p + "\n" + a))
-            if n > max_total_tokens:
-                reason = f"{n} tokens > max_total_tokens {max_total_tokens}"
+            if n > o.max_total_tokens:
+                reason = f"{n} tokens > max_total_tokens {o.max_total_tokens}"
         if reason:
             rejects.append((r, reason))
         else:
@@ -120,7 +157,7 @@ def response_perplexities(records: list[dict], model, tokenizer, template: str =
     # batch samples of similar length together so little compute goes to padding
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]) if samples[i] else 0)
     out: list[float] = [math.nan] * len(samples)
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), desc="perplexity", unit="batch", leave=False, disable=None):
         chunk = [samples[i] for i in order[s : s + batch_size]]
         width = max(len(x["input_ids"]) if x else 1 for x in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)            # (B, T), right-padded
@@ -146,12 +183,30 @@ def _tokenize_or_none(tokenize_conversation, tokenizer, template, record, max_le
         return None
 
 
-def perplexity_filter(records: list[dict], model, tokenizer, template: str = "alpaca",
-                      drop_low: float = 0.0, drop_high: float = 0.1, batch_size: int = 8,
-                      max_len: int | None = None) -> tuple[list[dict], Rejects]:
+@dataclass
+class PerplexityFilter:
+    model_dir: str = opt("", "model folder that scores the responses (required)")
+    template: TemplateChoice = opt("auto", "chat template the prompt is written in (auto: the model's own, "
+                                   "else alpaca)")
+    drop_low: float = opt(0.0, "share of the lowest perplexities dropped (boilerplate, repetition)", ge=0, lt=1)
+    drop_high: float = opt(0.1, "share of the highest perplexities dropped (noise)", ge=0, lt=1)
+    batch_size: int = opt(8, "records per forward pass", ge=1)
+    max_len: int = opt(0, "tokens per record (0: the model's context length)", ge=0)
+
+
+def perplexity_filter(records: list[dict], model, tokenizer,
+                      opts: PerplexityFilter | None = None) -> tuple[list[dict], Rejects]:
     """Drop the `drop_low` lowest and `drop_high` highest quantiles of response perplexity."""
     import numpy as np
-    ppl = response_perplexities(records, model, tokenizer, template, batch_size, max_len)
+
+    from data.chat import resolve_template
+    o = opts or PerplexityFilter()
+    template, note = resolve_template(o.model_dir or "the model", tokenizer, o.template,
+                                      option="the perplexity filter's template")
+    if note:
+        tqdm.write(f"note: {note}")
+    drop_low, drop_high = o.drop_low, o.drop_high
+    ppl = response_perplexities(records, model, tokenizer, template, o.batch_size, o.max_len or None)
     finite = np.array([p for p in ppl if not math.isnan(p)])
     lo = float(np.quantile(finite, drop_low)) if finite.size and drop_low > 0 else -math.inf
     hi = float(np.quantile(finite, 1 - drop_high)) if finite.size and drop_high > 0 else math.inf
@@ -195,27 +250,36 @@ def parse_score(text: str) -> tuple[float | None, str]:
     return score, (reason.group(1).strip() if reason else text.strip()[:200])
 
 
+@dataclass
+class JudgeFilter:
+    min_score: float = opt(3.0, "keep records the judge scores at least this", ge=1, le=5)
+    max_tokens: int = opt(96, "tokens per judge answer", ge=1)
+    batch_size: int = opt(8, "records per judge request batch", ge=1)
+
+
 def judge_records(records: list[dict], teacher, max_tokens: int = 96, batch_size: int = 8) -> list[tuple[float | None, str]]:
     """The judge's (score, reason) for each record."""
     out = []
-    for s in range(0, len(records), batch_size):
-        chats = []
-        for r in records[s : s + batch_size]:
-            p, a = prompt_and_response(r)
-            chats.append([{"role": "user", "content": JUDGE_PROMPT.format(prompt=p, response=a)}])
-        out += [parse_score(t) for t in teacher.complete_many(chats, max_tokens=max_tokens, temperature=0.0)]
+    with tqdm(total=len(records), desc="judge", unit="record", leave=False, disable=None) as bar:
+        for s in range(0, len(records), batch_size):
+            chats = []
+            for r in records[s : s + batch_size]:
+                p, a = prompt_and_response(r)
+                chats.append([{"role": "user", "content": JUDGE_PROMPT.format(prompt=p, response=a)}])
+            out += [parse_score(t) for t in teacher.complete_many(chats, max_tokens=max_tokens, temperature=0.0)]
+            bar.update(len(chats))
     return out
 
 
-def judge_filter(records: list[dict], teacher, min_score: float = 3.0,
-                 max_tokens: int = 96) -> tuple[list[dict], Rejects]:
+def judge_filter(records: list[dict], teacher, opts: JudgeFilter | None = None) -> tuple[list[dict], Rejects]:
     """Keep records the judge scores >= min_score; unparseable answers are rejected as malformed."""
+    o = opts or JudgeFilter()
     kept, rejects = [], []
-    for r, (score, reason) in zip(records, judge_records(records, teacher, max_tokens)):
+    for r, (score, reason) in zip(records, judge_records(records, teacher, o.max_tokens, o.batch_size)):
         if score is None:
             rejects.append((r, f"judge answer malformed (no 1-5 score): {reason[:120]!r}"))
-        elif score < min_score:
-            rejects.append((r, f"judge score {score:g} < {min_score:g}: {reason[:160]}"))
+        elif score < o.min_score:
+            rejects.append((r, f"judge score {score:g} < {o.min_score:g}: {reason[:160]}"))
         else:
             kept.append(r)
     return kept, rejects
@@ -238,3 +302,8 @@ def write_filter_output(folder: str | Path, name: str, kept: list[dict], rejects
     folder = Path(folder)
     write_jsonl_atomic(folder / f"{name}.kept.jsonl", kept)
     write_jsonl_atomic(folder / f"{name}.rejects.jsonl", [{"reason": why, "record": r} for r, why in rejects])
+
+
+# the `type` of each [[filters]] table in a data.filter config -> its options
+FILTERS = {"exact_dedup": ExactDedup, "near_dedup": NearDedup, "length": LengthFilter,
+           "perplexity": PerplexityFilter, "judge": JudgeFilter}
