@@ -90,8 +90,8 @@ print("ATEN_CAPABILITY " + torch.backends.cpu.get_cpu_capability())
 def library_isas(isa: str, python: str = sys.executable) -> dict[str, str]:
     """What each math library reports it runs under `isa`'s caps, from one product each."""
     env = {**isa_env(isa), "ONEDNN_VERBOSE": "1", "MKL_VERBOSE": "1", "OMP_NUM_THREADS": "1"}
-    # cwd "/": `python -c` puts the working folder first on sys.path, and bench/tokenize.py
-    # would shadow the standard library's tokenize there
+    # cwd "/": `python -c` puts the working folder first on sys.path, where nothing of the
+    # project may shadow a module the probe imports
     out = subprocess.run([python, "-c", _PROBE], env=env, capture_output=True, text=True, cwd="/").stdout
     mkl = re.search(r"MKL_VERBOSE oneMKL [^\n]*? for Intel\(R\) 64 architecture (.*?)(?:, Lnx|\n)", out)
     dnn = re.search(r"onednn_verbose,[^\n]*,info,cpu,isa:([^\n]*)", out)

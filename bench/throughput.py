@@ -46,8 +46,8 @@ from __future__ import annotations
 import os
 import sys
 
-# sys.path[0] is bench/, where bench/tokenize.py would shadow the standard library's tokenize
-# (imported by torch through inspect): the repository root goes there instead
+# run as a script, sys.path[0] is bench/; the repository root goes there instead, so that the
+# project's packages import and no bench script can shadow a standard-library module
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
