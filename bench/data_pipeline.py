@@ -47,7 +47,7 @@ from __future__ import annotations
 import os
 import sys
 
-# sys.path[0] is bench/, whose tokenize.py would shadow the standard library's: the repository root instead
+# run as a script, sys.path[0] is bench/: the repository root goes there instead
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402

@@ -1,67 +1,75 @@
 """Tokens/s, peak memory and MFU of one training step: our loop against transformers (+peft).
 
-    python bench/throughput.py                       # ours only (system python)
-    /work/parity-venv/bin/python bench/throughput.py # ours and HF side by side, with ratios
+    python bench/throughput.py                          # ours only (system python)
+    /work/parity-venv/bin/python bench/throughput.py    # ours and HF side by side, native + AVX2
+    ... --isa native --models pico --steps 4            # a quick look
 
 What is compared. The same model (pico-base from checkpoints/, and a randomly initialised
 "110M" Llama: hidden 768, 12 layers, 12 heads, FFN 2048, vocab 32000, tied head), the same
 batch (8 rows x 256 tokens, every token trainable), the same dtype (fp32, or `--autocast bf16`
 for both), the same threads (2), and the same optimizer (torch AdamW; HF with the Trainer's
 default, fused) with gradient clipping. "Ours" is train.py's `forward_backward` (chunked masked
-loss, trainable-token normalisation) + clip + AdamW from training/optim.py. "HF" is
+loss, trainable-token normalisation) + clip + AdamW from training/optim.py, after
+`model.speedups.apply` as train.py does by default. "HF" is
 `LlamaForCausalLM(input_ids, labels=input_ids).loss.backward()` + clip + AdamW, with
 `peft.get_peft_model` for LoRA (r=8, alpha=16, q_proj/v_proj, no dropout, on both sides).
-Each stack runs as a user gets it, with its defaults: ours sends fp32 products through oneDNN
-(model/matmul.py) and recomputes norm/SwiGLU outputs instead of storing them
-(model/recompute.py); HF's go through torch.mm (MKL on x86).
+"ours+ckpt" is our loop with activation checkpointing per block (`train.activation_
+checkpointing`): ~1/3 more forward compute for most of the activation memory.
 
-"ours+ckpt" is the same loop with activation checkpointing per block (`train.activation_
-checkpointing`): it trades ~1/3 more forward compute for most of the activation memory.
+Instruction sets (`--isa native,avx2`, the default: both, in one run). `native` is this
+machine as it is; `avx2` caps MKL, oneDNN and torch's own kernels to AVX2 in the children
+(bench/_isa.py), which is what most laptops and AMD CPUs before Zen 4 run. The ISA each
+library reports is printed with the CPU model, family and flags, because which stack wins
+depends on them.
 
-How it is measured. Every (model, mode, stack) runs in fresh subprocesses, so one run's freed
-memory cannot hide another's peak. In the child: build the model, optimizer and batch, reset
-the kernel's peak-RSS counter (`/proc/self/clear_refs` = 5), take the resident size as the
-baseline, run the steps; peak = VmHWM - baseline, i.e. everything training adds on top of the
-weights: gradients, AdamW moments, activations, logits, temporaries. Speed comes from one child
-with the default allocator (tokens/s from the median step; tokens per CPU-second from
-process_time, which other processes on a shared machine disturb less; with 2 threads OpenMP's
-spin-waiting is counted too, so on a busy machine `--threads 1` compares best). Peak memory comes
-from a second child run with MALLOC_MMAP_THRESHOLD_=131072, so that freed blocks go back to the
-OS and RSS follows the live tensors (with glibc's default the peak also counts whatever its
-free lists happened to hold; that figure is printed as "RSS").
+How it is measured. Speed: per (isa, model, mode) one child per stack, all started together;
+each builds its model and warms up, then they take turns, one step each (the order rotating
+every round), so a burst of load from elsewhere on a shared machine hits every stack alike.
+tokens/s comes from each stack's median step; the ratio printed is the median of the per-round
+ratios (paired steps), and the same for tokens per CPU-second (process_time, which waiting for
+a core does not inflate; with 2 threads OpenMP's spin-waiting is counted too). Memory: one more
+fresh child per stack, so one run's freed memory cannot hide another's peak; it builds, resets
+the kernel's peak-RSS counter (`/proc/self/clear_refs` = 5), takes the resident size as the
+baseline and runs two steps; peak = VmHWM - baseline, i.e. everything training adds on top of
+the weights (gradients, AdamW moments, activations, logits, temporaries), with
+MALLOC_MMAP_THRESHOLD_=131072 so that freed blocks go back to the OS and RSS follows the live
+tensors (glibc's default caching is printed as "RSS", from the speed child).
 
-MFU. A step over n tokens costs ~6 N n FLOPs for full fine-tuning (forward 2N, backward 4N:
-gradients for activations and for weights) and ~4 N n for LoRA (no weight gradients for the
-frozen matrices), N = parameters in matmuls, output head included, embedding lookup excluded
-(attention's T^2 term is left out, as usual). It is divided by this machine's measured fp32
-matmul throughput (best of a few GEMMs shaped like the model's, through torch.mm and through
-oneDNN, the faster library counting), not by a datasheet figure.
+MFU. A step over n tokens costs ~6 N n FLOPs for full fine-tuning (forward 2N, backward 4N)
+and ~4 N n for LoRA (no weight gradients for the frozen matrices), N = parameters in matmuls,
+output head included, embedding lookup excluded (attention's T^2 term left out, as usual),
+divided by this machine's measured fp32 matmul rate under the same ISA cap (best of a few
+GEMMs shaped like the model's, through torch.mm and through oneDNN, the faster counting).
 """
 from __future__ import annotations
 
-import argparse
-import gc
-import json
 import os
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
+
+# run as a script, sys.path[0] is bench/; the repository root goes there instead, so that the
+# project's packages import and no bench script can shadow a standard-library module
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bench._isa import cpu_description, describe_cpu, isa_env, parse_isas, report_isa  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
 BATCH, SEQ = 8, 256
 PICO = ROOT / "checkpoints" / "pico-base"
 SHAPE_110M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                   num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
                   rms_norm_eps=1e-5, tie_word_embeddings=True)
 LORA = dict(r=8, alpha=16, targets=["q_proj", "v_proj"])
-STEPS = {"pico": (2, 8), "110m": (1, 2)}  # (warmup, timed) steps
-ROUNDS = {"pico": 2, "110m": 1}           # speed runs per stack (best counts), unless --rounds
+STEPS = {"pico": (2, 9), "110m": (1, 3)}  # (warmup, timed rounds), unless --steps
+MARK = "@@ "  # a protocol line from a child (anything else a library prints is passed over)
 
 
 def rss_kib(field: str) -> int:
@@ -81,29 +89,30 @@ def reset_peak() -> int:
 
 def matmul_flops(threads: int) -> dict[str, float]:
     """Best fp32 GEMM FLOP/s over shapes like the model's (tokens x hidden x ffn/vocab), for
-    torch's default (`torch.mm`: MKL on x86) and for oneDNN (model/matmul.py), which our loop
-    uses; the faster of the two is this machine's fp32 peak for MFU."""
-    from model.matmul import mm_t, set_onednn
+    torch's default (`torch.mm`: MKL on x86) and for oneDNN; the faster is the MFU peak."""
+    import torch
+    from model.matmul import ONEDNN, TORCH, forward_mm, set_routing
 
     torch.set_num_threads(threads)
     best = {"torch_mm": 0.0, "onednn": 0.0}
     for m, k, n in ((2048, 768, 2048), (2048, 768, 768), (2048, 256, 688), (2048, 768, 4096)):
         a, b = torch.randn(m, k), torch.randn(n, k)
-        for lib in best:
-            if lib == "onednn" and not set_onednn(True):
+        for lib, routing in (("torch_mm", TORCH), ("onednn", ONEDNN)):
+            if set_routing(routing) != routing:
                 continue
-            f = (lambda: a @ b.t()) if lib == "torch_mm" else (lambda: mm_t(a, b))
-            f()
+            forward_mm(a, b)
             reps, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < 0.5:
-                f()
+            while time.perf_counter() - t0 < 0.3:
+                forward_mm(a, b)
                 reps += 1
             best[lib] = max(best[lib], 2 * m * k * n * reps / (time.perf_counter() - t0))
+    set_routing(TORCH)
     return best
 
 
-def matmul_params(model: torch.nn.Module) -> int:
+def matmul_params(model) -> int:
     """N for the 6N rule: every Linear weight (the head counted once even if tied), no embedding."""
+    import torch
     seen, n = set(), 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
@@ -116,17 +125,15 @@ def matmul_params(model: torch.nn.Module) -> int:
 # ----------------------------------------------------------------------------- the two stacks
 
 def build_ours(model_name: str, mode: str, checkpointing: bool = False):
+    import torch
     from lora import apply_lora
+    from model import speedups
     from model.checkpoint import load_pretrained
     from model.llama import Config, Transformer
-    from model import speedups
     from training.optim import build_optimizer
     from training.step import forward_backward
 
-    if model_name == "pico":
-        model = load_pretrained(PICO)
-    else:
-        model = Transformer(Config(**SHAPE_110M))
+    model = load_pretrained(PICO) if model_name == "pico" else Transformer(Config(**SHAPE_110M))
     n = matmul_params(model)
     if mode == "lora":
         apply_lora(model, r=LORA["r"], alpha=LORA["alpha"], targets=tuple(LORA["targets"]))
@@ -152,15 +159,16 @@ def build_ours(model_name: str, mode: str, checkpointing: bool = False):
 
 
 def build_hf(model_name: str, mode: str):
+    import torch
     import transformers
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if model_name == "pico":
         model = LlamaForCausalLM.from_pretrained(PICO, dtype=torch.float32)
     else:
-        cfg = {k: v for k, v in SHAPE_110M.items()}
-        model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE_110M, attn_implementation="sdpa"))
     n = matmul_params(model)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -182,71 +190,152 @@ def build_hf(model_name: str, mode: str):
     return model, n, step
 
 
-def child(model_name: str, mode: str, stack: str, threads: int, autocast: str,
-          memory_only: bool) -> dict:
-    torch.set_num_threads(threads)
+# ----------------------------------------------------------------------------- children
+
+def say(obj: dict) -> None:
+    print(MARK + json.dumps(obj), flush=True)
+
+
+def child(model_name: str, mode: str, stack: str, args) -> None:
+    """Build one stack; memory-only: two steps and the peak; else warm up, say ready, and run
+    one timed step for every 'step' line read from stdin."""
+    import torch
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if stack == "hf":
         model, n, step = build_hf(model_name, mode)
     else:
         model, n, step = build_ours(model_name, mode, checkpointing=stack == "ours+ckpt")
-    warmup, timed = (0, 2) if memory_only else STEPS[model_name]
-    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if autocast == "bf16"
+    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast == "bf16"
            else torch.autocast("cpu", enabled=False))
-    base = reset_peak()
-    times, cpu = [], []
     with ctx:
-        for i in range(warmup + timed):
+        if args.memory_only:
+            base = reset_peak()
+            for _ in range(2):
+                step()
+            say({"peak_mib": (rss_kib("VmHWM") - base) / 1024})
+            return
+        base = reset_peak()
+        for _ in range(args.warmup if args.warmup >= 0 else STEPS[model_name][0]):
+            step()
+        say({"ready": True, "n_matmul_params": n})
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
             t0, c0 = time.perf_counter(), time.process_time()
             step()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-    peak = rss_kib("VmHWM") - base
-    return {"tokens_per_s": BATCH * SEQ / statistics.median(times), "peak_mib": peak / 1024,
-            "tokens_per_cpu_s": BATCH * SEQ / statistics.median(cpu),
-            "n_matmul_params": n, "step_s": times}
+            say({"s": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                 "peak_rss_mib": (rss_kib("VmHWM") - base) / 1024})
 
 
-def run_child(python: str, model_name: str, mode: str, stack: str, args,
-              memory_only: bool = False) -> dict | None:
-    cmd = [python, __file__, "--child", model_name, mode, stack,
-           "--threads", str(args.threads), "--autocast", args.autocast]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    if memory_only:
-        cmd.append("--memory-only")
-        # a fixed mmap threshold hands every freed block >= 128 KiB straight back to the OS, so
-        # RSS follows the live tensors (like tracemalloc) instead of malloc's cached free lists
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        print(f"  {model_name} {mode} {stack}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(res.stdout.strip().splitlines()[-1])
+class Child:
+    """A child process speaking the MARK protocol; its stderr goes to a temporary file."""
+
+    def __init__(self, python: str, argv: list[str], env: dict[str, str]):
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([python, __file__, *argv], env=env, text=True, bufsize=1,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.proc.wait()
+        self.err.seek(0)
+        raise RuntimeError(f"child exited with {self.proc.returncode}:\n{self.err.read()[-2000:]}")
+
+    def ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait()
+        self.err.close()
 
 
-def measure(python: str, model_name: str, mode: str, stacks: list[str], args) -> dict:
-    """Per stack: speed = best of `rounds` children with the default allocator (the stacks take
-    turns, so a burst of load elsewhere hits them alike); peak live memory from one more child."""
-    best: dict[str, dict] = {}
-    for _ in range(args.rounds or ROUNDS[model_name]):
-        for stack in stacks:
-            r = run_child(python, model_name, mode, stack, args)
-            if r is not None and (stack not in best or r["tokens_per_s"] > best[stack]["tokens_per_s"]):
-                best[stack] = {**r, "tokens_per_cpu_s": max(r["tokens_per_cpu_s"],
-                                                            best.get(stack, r)["tokens_per_cpu_s"])}
-    for stack in list(best):
-        mem = run_child(python, model_name, mode, stack, args, memory_only=True)
-        if mem is None:
-            del best[stack]
-            continue
-        best[stack].update(peak_rss_mib=best[stack]["peak_mib"], peak_mib=mem["peak_mib"])
-    return best
+def child_argv(model_name: str, mode: str, stack: str, args) -> list[str]:
+    return ["--child", model_name, mode, stack, "--threads", str(args.threads),
+            "--autocast", args.autocast, "--warmup", str(args.warmup)]
+
+
+def measure(python: str, isa: str, model_name: str, mode: str, stacks: list[str], args) -> dict:
+    """Per stack: step times from children taking turns, then peak live memory (see the docstring)."""
+    env = {**isa_env(isa), "OMP_NUM_THREADS": str(args.threads)}
+    rounds = args.steps or STEPS[model_name][1]
+    children = {s: Child(python, child_argv(model_name, mode, s, args), env) for s in stacks}
+    got: dict[str, dict] = {}
+    try:
+        for s, c in children.items():
+            got[s] = {**c.read(), "s": [], "cpu": []}
+        for r in range(rounds):
+            for s in stacks[r % len(stacks):] + stacks[:r % len(stacks)]:
+                res = children[s].ask("step")
+                got[s]["s"].append(res["s"])
+                got[s]["cpu"].append(res["cpu"])
+                got[s]["peak_rss_mib"] = res["peak_rss_mib"]
+    finally:
+        for c in children.values():
+            c.close()
+    for s in stacks:
+        mem = Child(python, child_argv(model_name, mode, s, args) + ["--memory-only"],
+                    {**env, "MALLOC_MMAP_THRESHOLD_": "131072"})
+        try:
+            got[s]["peak_mib"] = mem.read()["peak_mib"]
+        finally:
+            mem.close()
+    return got
+
+
+def gemm_rates(python: str, isa: str, threads: int) -> dict[str, float]:
+    out = subprocess.run([python, __file__, "--gemm-child", "--threads", str(threads)],
+                         env=isa_env(isa), capture_output=True, text=True)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith(MARK)), None)
+    if line is None:
+        raise RuntimeError(f"GEMM child failed:\n{out.stderr[-2000:]}")
+    return json.loads(line[len(MARK):])
 
 
 def hf_available(python: str) -> bool:
-    probe = "import transformers, peft"
-    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+    return subprocess.run([python, "-c", "import transformers, peft"], capture_output=True).returncode == 0
+
+
+# ----------------------------------------------------------------------------- report
+
+def paired(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a_i / b_i: how many times b's step is faster, load-paired."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def report(isa: str, results: dict, gemm: dict[str, float], out: dict) -> None:
+    peak_flops = max(gemm.values())
+    out.update({f"matmul_gflops_torch_mm_{isa}": round(gemm["torch_mm"] / 1e9, 1),
+                f"matmul_gflops_onednn_{isa}": round(gemm["onednn"] / 1e9, 1)})
+    for (model_name, mode), got in results.items():
+        for stack, r in got.items():
+            tok_s = BATCH * SEQ / statistics.median(r["s"])
+            tok_cpu = BATCH * SEQ / statistics.median(r["cpu"])
+            mfu = tok_s * (6 if mode == "full" else 4) * r["n_matmul_params"] / peak_flops
+            key = f"{model_name}_{mode}_{stack.replace('+', '_')}_{isa}"
+            out.update({f"tokens_per_s_{key}": round(tok_s, 1), f"peak_mib_{key}": round(r["peak_mib"], 1),
+                        f"mfu_{key}": round(mfu, 4)})
+            print(f"[{isa}] {model_name:5s} {mode:5s} {stack:9s}: {tok_s:8.1f} tok/s "
+                  f"({tok_cpu:7.1f} per CPU-s)  peak {r['peak_mib']:7.1f} MiB "
+                  f"(RSS {r['peak_rss_mib']:7.1f})  MFU {100 * mfu:5.1f}%  steps "
+                  + " ".join(f"{t:.2f}s" for t in r["s"]))
+        for ours, suffix in (("ours", ""), ("ours+ckpt", "_ckpt")):
+            if ours in got and "hf" in got:
+                tr = paired(got["hf"]["s"], got[ours]["s"])
+                cr = paired(got["hf"]["cpu"], got[ours]["cpu"])
+                mr = got[ours]["peak_mib"] / max(got["hf"]["peak_mib"], 1e-9)
+                key = f"{model_name}_{mode}{suffix}_{isa}"
+                out.update({f"tokens_per_s_ratio_{key}": round(tr, 3),
+                            f"tokens_per_cpu_s_ratio_{key}": round(cr, 3),
+                            f"peak_mem_ratio_{key}": round(mr, 3)})
+                print(f"[{isa}] {model_name:5s} {mode:5s} {ours}/hf: tokens/s x{tr:.2f} "
+                      f"(per CPU-second x{cr:.2f}), peak memory x{mr:.2f}")
 
 
 def main() -> None:
@@ -256,64 +345,47 @@ def main() -> None:
     ap.add_argument("--stacks", default="ours,ours+ckpt,hf",
                     help="ours, ours+ckpt (activation checkpointing per block) and/or hf "
                          "(hf needs transformers+peft)")
+    ap.add_argument("--isa", default="native,avx2",
+                    help="native and/or avx2 (math libraries capped to AVX2, see bench/_isa.py)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=0,
-                    help="speed runs per stack, the best counts (default: 2 pico, 1 110m)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="timed rounds, one step per stack each (default: 9 pico, 3 110m)")
+    ap.add_argument("--warmup", type=int, default=-1, help="untimed steps first (default: 2 pico, 1 110m)")
     ap.add_argument("--autocast", default="none", choices=("none", "bf16"))
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "MODE", "STACK"), help=argparse.SUPPRESS)
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gemm-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.threads, args.autocast, args.memory_only)))
-        return
+        return child(*args.child, args)
+    if args.gemm_child:
+        return say(matmul_flops(args.threads))
 
-    stacks = args.stacks.split(",")
+    isas, stacks = parse_isas(args.isa), args.stacks.split(",")
     if "hf" in stacks and not hf_available(sys.executable):
         print("transformers/peft not importable here: measuring ours only "
               "(run with /work/parity-venv/bin/python for the comparison)")
         stacks = [s for s in stacks if s != "hf"]
-    gemm = matmul_flops(args.threads)
+    cpu = cpu_description()
     load = os.getloadavg()
-    print(f"fp32 matmul ({args.threads} threads): torch.mm {gemm['torch_mm'] / 1e9:.1f} GFLOP/s, "
-          f"oneDNN {gemm['onednn'] / 1e9:.1f}; load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} cores); autocast "
-          f"{args.autocast}; batch {BATCH}x{SEQ}")
-    out: dict[str, float] = {"load_avg_1m_start": round(load[0], 2)}
-    results = {}
-    for model_name in args.models.split(","):
-        for mode in args.modes.split(","):
-            results[model_name, mode] = measure(sys.executable, model_name, mode, stacks, args)
-    # the machine may be shared: take the best matmul rate seen, before or after the runs
-    gemm = {lib: max(v, gemm[lib]) for lib, v in matmul_flops(args.threads).items()}
-    peak_flops = max(gemm.values())
-    out.update(matmul_gflops_torch_mm=round(gemm["torch_mm"] / 1e9, 2),
-               matmul_gflops_onednn=round(gemm["onednn"] / 1e9, 2),
-               matmul_gflops=round(peak_flops / 1e9, 2), load_avg_1m_end=round(os.getloadavg()[0], 2))
-    print(f"fp32 matmul peak used for MFU: {peak_flops / 1e9:.1f} GFLOP/s; load average now "
-          f"{os.getloadavg()[0]:.2f}")
-    for (model_name, mode), got in results.items():
-        for stack, r in got.items():
-            flops_per_tok = (6 if mode == "full" else 4) * r["n_matmul_params"]
-            mfu = r["tokens_per_s"] * flops_per_tok / peak_flops
-            key = f"{model_name}_{mode}_{stack.replace('+', '_')}"
-            out.update({f"tokens_per_s_{key}": round(r["tokens_per_s"], 1),
-                        f"peak_mib_{key}": round(r["peak_mib"], 1), f"mfu_{key}": round(mfu, 4)})
-            print(f"{model_name:5s} {mode:5s} {stack:9s}: {r['tokens_per_s']:8.1f} tok/s "
-                  f"({r['tokens_per_cpu_s']:7.1f} per CPU-s)  "
-                  f"peak {r['peak_mib']:7.1f} MiB (RSS {r['peak_rss_mib']:7.1f})  "
-                  f"MFU {100 * mfu:5.1f}%  "
-                  f"(N={r['n_matmul_params'] / 1e6:.2f}M, steps "
-                  + " ".join(f"{t:.2f}s" for t in r["step_s"]) + ")")
-        for ours, suffix in (("ours", ""), ("ours+ckpt", "_ckpt")):
-            if ours in got and "hf" in got:
-                tr = got[ours]["tokens_per_s"] / got["hf"]["tokens_per_s"]
-                cr = got[ours]["tokens_per_cpu_s"] / got["hf"]["tokens_per_cpu_s"]
-                mr = got[ours]["peak_mib"] / max(got["hf"]["peak_mib"], 1e-9)
-                out[f"tokens_per_s_ratio_{model_name}_{mode}{suffix}"] = round(tr, 3)
-                out[f"tokens_per_cpu_s_ratio_{model_name}_{mode}{suffix}"] = round(cr, 3)
-                out[f"peak_mem_ratio_{model_name}_{mode}{suffix}"] = round(mr, 3)
-                print(f"{model_name:5s} {mode:5s} {ours}/hf: tokens/s x{tr:.2f} "
-                      f"(per CPU-second x{cr:.2f}), peak memory x{mr:.2f}")
+    print(f"CPU: {describe_cpu(cpu)}")
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.threads} threads; "
+          f"autocast {args.autocast}; batch {BATCH}x{SEQ}")
+    out: dict = {"cpu": cpu["model_name"], "cpu_family": cpu["family"], "cpu_model": cpu["model"],
+                 "cpu_flags": " ".join(cpu["flags"]), "threads": args.threads,
+                 "load_avg_1m_start": round(load[0], 2)}
+    t_start = time.time()
+    for isa in isas:
+        libs = report_isa(isa)
+        out[f"isa_{isa}"] = libs
+        gemm = gemm_rates(sys.executable, isa, args.threads)
+        print(f"[{isa}] fp32 matmul: torch.mm {gemm['torch_mm'] / 1e9:.1f} GFLOP/s, "
+              f"oneDNN {gemm['onednn'] / 1e9:.1f}")
+        results = {(m, mode): measure(sys.executable, isa, m, mode, stacks, args)
+                   for m in args.models.split(",") for mode in args.modes.split(",")}
+        report(isa, results, gemm, out)
+    out.update(load_avg_1m_end=round(os.getloadavg()[0], 2), seconds=round(time.time() - t_start))
+    print(f"load average now {os.getloadavg()[0]:.2f}; {out['seconds']} s")
     print(json.dumps(out))
 
 

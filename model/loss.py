@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.matmul import mm_t
+from model.matmul import forward_mm, input_grad_mm, weight_grad
 
 IGNORE_INDEX = -100
 
@@ -60,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, h.shape[0], chunk):
                 hc, tc = h[s:s + chunk].to(dtype), targets[s:s + chunk]
-                z = mm_t(hc, w).float()                               # (C, V) logits, fp32
+                z = forward_mm(hc, w).float()                         # (C, V) logits, fp32
                 # log-sum-exp by hand, in z's buffer (torch.logsumexp makes a (C, V) temporary):
                 # e = exp(z - max) in place, lse = log(sum e) + max, softmax = e / sum e
                 z_t = z.gather(1, tc[:, None])[:, 0]                  # target logits (C,)
@@ -70,9 +70,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = z.div_(e_sum)                                     # softmax
                 g[torch.arange(len(tc), device=g.device), tc] -= 1.0  # - onehot
                 if need_h:
-                    dh[s:s + chunk] = mm_t(g.to(dtype), w.t())        # G @ W
-                if need_w and s == 0:  # (V, D) written once, in this orientation without a copy
-                    dw = mm_t(g.t(), hc.float().t())                  # G^T @ h
+                    dh[s:s + chunk] = input_grad_mm(g.to(dtype), w)   # G @ W
+                if need_w and s == 0:  # (V, D) written once
+                    dw = weight_grad(g, hc.float())                   # G^T @ h
                 elif need_w:  # in place: a second (V, D) buffer would cost as much as dW itself
                     dw.addmm_(g.t(), hc.float())
         ctx.dh, ctx.dw, ctx.w_dtype = dh, dw, weight.dtype

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from model import speedups
-from model.matmul import set_onednn
+from model.matmul import TORCH, set_routing
 from model.speedups import _RMSNormFn, _SwiGLUFn
 
 
@@ -30,7 +30,7 @@ def test_rmsnorm_function_has_exact_gradients():
 def test_swiglu_function_has_exact_gradients():
     a = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_SwiGLUFn.apply, (a, b))
+    assert torch.autograd.gradcheck(lambda a, b: _SwiGLUFn.apply(a, b, []), (a, b))
 
 
 def test_forwards_equal_the_op_by_op_formulas_in_fp32_and_bf16():
@@ -39,7 +39,7 @@ def test_forwards_equal_the_op_by_op_formulas_in_fp32_and_bf16():
         w = (1 + 0.1 * torch.randn(64)).to(dtype)
         assert torch.equal(_RMSNormFn.apply(x, w, 1e-5), reference_rmsnorm(x, w, 1e-5))
         a, b = torch.randn(4, 16, 32).to(dtype), torch.randn(4, 16, 32).to(dtype)
-        assert torch.equal(_SwiGLUFn.apply(a, b), F.silu(a) * b)
+        assert torch.equal(_SwiGLUFn.apply(a, b, []), F.silu(a) * b)
 
 
 def test_frozen_norm_weight_gets_no_gradient_but_input_does():
@@ -122,6 +122,27 @@ def test_norm_and_swiglu_outputs_are_not_kept_for_backward():
         loss.backward()
 
 
+def test_backward_computes_silu_once_per_layer():
+    """With recomputation, down_proj's recomputed input hands silu(a) to the SwiGLU backward:
+    one silu per layer in backward (the recipe), not two."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSilu(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountSilu.n += func is torch.ops.aten.silu.default
+            return func(*args, **(kwargs or {}))
+
+    for recompute, per_layer in ((True, 1), (False, 1)):  # kept: backward recomputes it itself
+        model = _lean(_tiny_model(), recompute=recompute)
+        loss = model(torch.randint(0, 96, (2, 8)), return_hidden=True).sum()
+        CountSilu.n = 0
+        with CountSilu():
+            loss.backward()
+        assert CountSilu.n == per_layer * len(model.layers), (recompute, CountSilu.n)
+
+
 @pytest.mark.parametrize("family", list(FAMILY_FLAGS))
 def test_speedups_give_the_plain_models_gradients(family):
     """apply() swaps classes in place (the q/k norms of qwen3 too): same parameters, same
@@ -137,14 +158,15 @@ def test_speedups_give_the_plain_models_gradients(family):
         assert plain.keys() == recomputed.keys()
         for name in plain:
             assert torch.equal(plain[name], recomputed[name]), name
-        applied = make()
-        state = speedups.apply(applied)
-        try:
-            fast = _grads(applied, recompute=True)
-        finally:
-            set_onednn(False)
-        for name in plain:
-            torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
-        assert state.lean_backward and state.recompute
-        if family == "qwen3":
-            assert type(applied.layers[0].self_attn.q_norm) is LeanRMSNorm
+        for onednn in (True, "auto"):  # every product through oneDNN, and this machine's choice
+            applied = make()
+            state = speedups.apply(applied, onednn=onednn)
+            try:
+                fast = _grads(applied, recompute=True)
+            finally:
+                set_routing(TORCH)
+            for name in plain:
+                torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+            assert state.lean_backward and state.recompute
+            if family == "qwen3":
+                assert type(applied.layers[0].self_attn.q_norm) is LeanRMSNorm

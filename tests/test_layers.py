@@ -2,6 +2,8 @@
 
     bottom (model/errors, files, cli, options, svg) <- model/ + lora.py <- data/ <- training/, evaluation/
     <- scripts (train.py, eval.py, demo.py, bench/*): leaves that nothing but tests imports.
+A private helper of the bench scripts (bench/_name.py) sits just below them: only bench scripts
+import it.
 
 Every import statement of every project file is parsed (function-level imports too), so adding a
 wrong-way import fails here, naming the file and the module it imports.
@@ -18,7 +20,8 @@ SCRIPTS = {"train", "eval", "demo"}
 ALLOWED = {"bottom": {"bottom"}, "model": {"bottom", "model"}, "data": {"bottom", "model", "data"},
            "training": {"bottom", "model", "data", "training"},
            "evaluation": {"bottom", "model", "data", "evaluation"},
-           "script": {"bottom", "model", "data", "training", "evaluation"}}
+           "bench_helper": {"bottom", "model", "data", "training", "evaluation"},
+           "script": {"bottom", "model", "data", "training", "evaluation", "bench_helper"}}
 
 
 def layer(module: str) -> str | None:
@@ -30,6 +33,8 @@ def layer(module: str) -> str | None:
         return "model"
     if top in ("data", "training", "evaluation"):
         return top
+    if top == "bench" and module.split(".")[-1].startswith("_"):
+        return "bench_helper"
     if top in SCRIPTS or top == "bench":
         return "script"
     return None
@@ -78,3 +83,9 @@ def test_the_check_catches_a_wrong_way_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from training.config import Config\n")
     assert (2, "training.config") in imports_of(bad) and "training" not in ALLOWED["data"]
+
+
+def test_a_bench_script_may_import_the_bench_helper_but_not_another_script():
+    assert layer("bench._isa") == "bench_helper" and layer("bench.train") == "script"
+    assert "bench_helper" in ALLOWED["script"] and "script" not in ALLOWED["script"]
+    assert all("bench_helper" not in allowed for name, allowed in ALLOWED.items() if name != "script")
