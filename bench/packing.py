@@ -77,7 +77,7 @@ def main() -> None:
             result[f"padded_real_fraction_{short}_{L}"] = round(padded, 4)
     for L in LENGTHS:
         result[f"packed_real_fraction_{L}"] = round(combined[L][0] / combined[L][1], 4)
-    print(f"packed real fraction, both files: " + ", ".join(f"{L}: {result[f'packed_real_fraction_{L}']:.1%}" for L in LENGTHS))
+    print("packed real fraction, both files: " + ", ".join(f"{L}: {result[f'packed_real_fraction_{L}']:.1%}" for L in LENGTHS))
     print(json.dumps(result))
 
 

@@ -2,7 +2,6 @@
 import json
 import random
 
-import pytest
 import torch
 
 from data import demo_wordings as W

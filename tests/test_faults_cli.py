@@ -15,11 +15,9 @@ own process (tests/cli_forks.py: forked from a server that imported torch once) 
 status, several lines, or a line that does not name the place), silent (exit 0, or an output
 such as final/ written from a run that learned nothing), data loss (a user's file changed).
 `python tests/test_faults_cli.py` prints the counts per category (the table of issue 15).
-Rows marked `xfail` are fixed in another branch, named in the reason.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -59,7 +57,6 @@ class Fault:
     absent: tuple[str, ...] = ()         # paths under tmp that must not exist afterwards
     unchanged: bool = True               # every file under tmp as it was
     pre: str | None = None               # Python run in the process before the command (faults)
-    xfail: str | None = None
 
 
 # ----------------------------------------------------------------------------- builders
@@ -458,8 +455,7 @@ def test_the_corpus_holds_at_least_80_faults_with_unique_names():
     assert len(names) >= 80 and len(set(names)) == len(names)
 
 
-@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.xfail(reason=f.xfail, strict=True))
-                                   if f.xfail else f for f in FAULTS], ids=[f.name for f in FAULTS])
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_a_fault_ends_in_one_line_exit_2_and_nothing_lost(fault, results):
     r = results[fault.name]
     assert r["category"] == "OK", (f"{r['category']}: exit {r['rc']}; changed or removed {r['lost'][:5]}; left "

@@ -69,7 +69,7 @@ class TrainConfig:
                                          "more compute for a fraction of the activation memory")
     compile: bool = opt(False, "torch.compile each transformer block (slow first steps)")
     speedups: bool = opt(True, "CPU speed/memory work applied to the model (model/speedups.py): "
-                         "oneDNN fp32 linears, lean norm/SwiGLU backward, recomputed activations")
+                         "the GEMM library per product (calibrated once per machine), lean norm/SwiGLU backward, recomputed activations")
     log_every: int = opt(1, "write a metrics.jsonl line every N steps", ge=1)
     max_bad_steps: int = opt(5, "NaN/Inf steps skipped before the run stops (0: stop at the first)", ge=0)
 
