@@ -30,17 +30,22 @@ other jobs the wall-clock ratio moves with their load, the CPU ratio much less.
 Targets on the 2-core machine: cold >= 1.0x the HF path; warm <= 5 s; peak RSS <= 2 GB. The
 machine is shared: the load average is printed with the figures.
 
-Measured on the shared 2-core machine (load average 4.3 before, 6.1-6.5 during), 200,000
-conversations, max_seq_len 1024, transformers 5.24 + datasets in the parity venv:
+Measured on the shared 2-core machine (Intel Xeon family 6 model 207; load average 1.4-1.7),
+200,000 conversations, max_seq_len 1024 (pico-base: 512, its context), transformers 5.24 +
+datasets in the parity venv:
 
     tokenizer          cold conv/s  (prepare)  HF map conv/s  ratio  CPU s ours/HF  warm: to step (prepare)  peak RSS
-    pico SentencePiece  1,602      (124.9 s)   1,089          1.47   97 / 138        20.8 s (4.15 s)           1,692 MiB
-    Llama-3 BPE         1,438      (139.1 s)     886          1.62   86 / 187        13.7 s (3.16 s)           1,298 MiB
+    pico SentencePiece  1,663      (120.3 s)   (not run)                              9.46 s (3.83 s)           1,589 MiB
+    Llama-3 BPE         3,967       (50.4 s)   1,803          2.20   96 / 206         9.40 s (2.68 s)           1,337 MiB
 
-The warm start misses 5 s: of its ~14-21 s, the data (prepare_data) is 3-4 s; the rest is
-importing torch, building the model (nn.init under a device context imports torch._dynamo, ~4 s
-here) and the first step (oneDNN's first calls). An earlier run at load 5.3-8.8 gave ratios 0.94
-and 2.58 (wall clock): on this machine only the CPU-seconds ratio is steady.
+(An earlier run at load 4-6, before the two fixes below: SentencePiece 1.47x and BPE 1.62x the HF
+path, warm 20.8 s and 13.7 s.) The warm start misses 5 s. Of its ~9.5 s the data is 2.7-3.8 s,
+nearly all of it packing the 117k rows (best-fit decreasing over 196k samples, data/packing.py);
+torch's optimizer constructor imports torch._dynamo (~2.7 s; torch.optim does it for every
+optimizer); the rest is importing torch and the first step. Two costs are gone: building the model
+on the meta device no longer runs nn.init there (that imported torch._dynamo too, in
+load_pretrained), and the untrained-token check looks only for special ids instead of sorting every
+token (that took ~3 s and a copy of all tokens, which had pushed the peak to 2.9 GB).
 """
 from __future__ import annotations
 
@@ -67,7 +72,7 @@ SOURCES = ["llamafactory_alpaca_en_demo.json", "gsm8k_train_alpaca_format.json",
            "llamafactory_reason_tool_use_demo_50.jsonl"]
 TOKENIZERS = {"sentencepiece": (ROOT / "checkpoints" / "pico-base", "qwen2.5"),
               "llama3-bpe": (SHARED / "models" / "tiny-random-llama3", "llama3.1")}
-MAX_SEQ_LEN = 1024
+MAX_SEQ_LEN = 1024  # or the model's context, if shorter (pico-base: 512)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -173,9 +178,10 @@ def our_child(spec: dict) -> dict:
 def run_ours(data: Path, model: Path, template: str, scratch: Path, profile: bool) -> dict:
     cache = scratch / f"cache-{model.name}"
     shutil.rmtree(cache, ignore_errors=True)
+    seq_len = min(MAX_SEQ_LEN, json.loads((model / "config.json").read_text())["max_position_embeddings"])
     overrides = [f"model.path={model}", f"run.out_dir={scratch / 'runs'}", f"run.name={model.name}",
                  "run.overwrite=true", f"data.sources=[{{path = \"{data}\"}}]", f"data.template={template}",
-                 f"data.max_seq_len={MAX_SEQ_LEN}", "data.eval_fraction=0.01", f"data.cache_dir={cache}",
+                 f"data.max_seq_len={seq_len}", "data.eval_fraction=0.01", f"data.cache_dir={cache}",
                  "train.batch_size=1", "train.max_steps=1", "eval.max_rows=1", "eval.sample_prompts=0"]
     out = {}
     for phase in ("cold", "warm"):

@@ -248,11 +248,16 @@ class Transformer(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight: the embedding skips its own N(0, 1) init; the loop below sets HF's
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        for m in self.modules():  # HF's init: N(0, 0.02), biases 0; a no-op on the meta device
+        # on the meta device (load_pretrained) there is nothing to initialise, and torch's
+        # normal_ there would import its compiler (~2 s of every start)
+        on_meta = self.lm_head.weight.is_meta
+        for m in self.modules() if not on_meta else ():  # HF's init: N(0, 0.02), biases 0
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:

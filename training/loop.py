@@ -102,8 +102,12 @@ def export_merged(model, cfg: Config, adapter_dir: Path, out: Path, tok, gen_cfg
 def check_untrained_tokens(model: nn.Module, data: TrainData, tok: Tokenizer, fix: bool, log) -> None:
     """Special tokens the training rows use whose embedding rows look untrained (model/untrained.py):
     a warning, or with model.init_untrained_tokens the rows set to the mean of the trained ones."""
-    real = data.train["input_ids"][data.train["seq_ids"] != PAD_SEQ_ID]
-    rows = model_untrained_rows(model, special_ids(tok, torch.unique(real).tolist()))
+    # only the special ids can be flagged: look for those (a small set) among the real tokens,
+    # not for every distinct id (sorting 10^8 tokens takes seconds and a copy of them)
+    ids = data.train["input_ids"]
+    marked = torch.tensor(sorted(special_ids(tok, range(int(ids.max()) + 1))), dtype=ids.dtype)
+    found = torch.isin(ids, marked) & (data.train["seq_ids"] != PAD_SEQ_ID)
+    rows = model_untrained_rows(model, set(ids[found].unique().tolist()))
     if rows:
         if fix:
             init_rows_to_mean(model, rows)
