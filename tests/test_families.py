@@ -312,6 +312,28 @@ def test_inspect_warns_about_untrained_special_rows(folder, tmp_path, capsys):
     assert "1 special token(s)" in out and "'<|eot_id|>' (128009)" in out and "init_untrained_tokens" in out
 
 
+
+def test_training_checks_only_the_special_ids_its_real_tokens_use(folder):
+    """training/loop.check_untrained_tokens: a special id in a real position is flagged (and with
+    fix=True set to the mean), the same id only in padding or a plain id with a zero row is not."""
+    from types import SimpleNamespace
+
+    from training.loop import check_untrained_tokens
+    path = folder("llama3")
+    model, tok = load_pretrained(path), Tokenizer.from_pretrained(path)
+    eot, header, plain = 128009, 128006, 1000
+    with torch.no_grad():
+        model.embed_tokens.weight[[eot, header, plain]] = 0.0
+    ids = torch.tensor([[5, eot, plain, header]], dtype=torch.int32)
+    seq = torch.tensor([[0, 0, 0, -1]], dtype=torch.int16)   # the header id sits in padding
+    data = SimpleNamespace(train={"input_ids": ids, "seq_ids": seq})
+    said = []
+    check_untrained_tokens(model, data, tok, fix=False, log=said.append)
+    assert len(said) == 1 and "1 special token(s)" in said[0] and "(128009)" in said[0]
+    check_untrained_tokens(model, data, tok, fix=True, log=said.append)
+    assert "initialised" in said[1] and row_norms(model.embed_tokens.weight)[eot] > 0
+    assert row_norms(model.embed_tokens.weight)[header] == 0
+
 # ----------------------------------------------------------------------------- downstream
 
 @pytest.mark.parametrize("family, stops", [
