@@ -256,12 +256,12 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # on the meta device (load_pretrained) there is nothing to initialise, and torch's
         # normal_ there would import its compiler (~2 s of every start)
-        on_meta = self.lm_head.weight.is_meta
-        for m in self.modules() if not on_meta else ():  # HF's init: N(0, 0.02), biases 0
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        if not self.lm_head.weight.is_meta:
+            for m in self.modules():  # HF's init: N(0, 0.02), biases 0
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
