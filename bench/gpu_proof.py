@@ -318,7 +318,7 @@ def speed(args, dev: torch.device, sizes: Sizes) -> dict:
                 torch.manual_seed(0)
                 model = random_model(shape, dev, torch.float32)  # bf16-mixed: fp32 master weights
                 n = linear_weights(model)
-                speedups.apply(model)  # as setup() does (train.speedups = true)
+                speedups.apply(model, compiled=compiled)  # as setup() does (train.speedups = true)
                 D.shard_model(model, mixed_precision=True, activation_checkpointing=ckpt, compile=compiled)
                 step = our_step(model.train(), autocast=True)
             seconds, mem[label] = timed(step, batch, dev, sizes)

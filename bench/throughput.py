@@ -14,7 +14,17 @@ loss, trainable-token normalisation) + clip + AdamW from training/optim.py, afte
 `LlamaForCausalLM(input_ids, labels=input_ids).loss.backward()` + clip + AdamW, with
 `peft.get_peft_model` for LoRA (r=8, alpha=16, q_proj/v_proj, no dropout, on both sides).
 "ours+ckpt" is our loop with activation checkpointing per block (`train.activation_
-checkpointing`): ~1/3 more forward compute for most of the activation memory.
+checkpointing`): ~1/3 more forward compute for most of the activation memory. "ours+compile" is
+`train.compile`: each block through torch.compile (CPU inductor), plain blocks (model/speedups.py);
+its first step, which pays for the compilation, is printed with every stack's.
+
+Where the time goes (`--profile`): three more steps per stack under torch.profiler, split into
+GEMMs, the attention kernels and the rest (the median of each). Both stacks run the same
+products through the same library at the same FLOPs, so a stack's GEMM + attention time bounds
+what leaner code elsewhere can win: the "ceiling" printed is HF's whole profiled step over that
+time, the ratio it would reach if everything else cost nothing. The profiler's own cost falls
+mostly on the many small ops of the rest, which inflates HF's step more than those two, so the
+ceiling errs high.
 
 Instruction sets (`--isa native,avx2`, the default: both, in one run). `native` is this
 machine as it is; `avx2` caps MKL, oneDNN and torch's own kernels to AVX2 in the children
@@ -124,12 +134,13 @@ def matmul_params(model) -> int:
 
 # ----------------------------------------------------------------------------- the two stacks
 
-def build_ours(model_name: str, mode: str, checkpointing: bool = False):
+def build_ours(model_name: str, mode: str, stack: str = "ours"):
     import torch
     from lora import apply_lora
     from model import speedups
     from model.checkpoint import load_pretrained
     from model.llama import Config, Transformer
+    from training.distributed import shard_model
     from training.optim import build_optimizer
     from training.step import forward_backward
 
@@ -137,10 +148,12 @@ def build_ours(model_name: str, mode: str, checkpointing: bool = False):
     n = matmul_params(model)
     if mode == "lora":
         apply_lora(model, r=LORA["r"], alpha=LORA["alpha"], targets=tuple(LORA["targets"]))
-    speedups.apply(model)  # as train.py does by default (train.speedups)
-    if checkpointing:
-        from training.distributed import checkpoint_blocks
-        checkpoint_blocks(model)
+    compiled = stack == "ours+compile"
+    # as train.py's setup does: train.speedups (default on), then train.activation_checkpointing
+    # and train.compile applied per block (no process group here, so nothing is sharded)
+    speedups.apply(model, compiled=compiled)
+    shard_model(model, mixed_precision=False, activation_checkpointing=stack == "ours+ckpt",
+                compile=compiled)
     model.train()
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
     ids = torch.randint(3, model.config.vocab_size, (BATCH, SEQ))
@@ -205,7 +218,7 @@ def child(model_name: str, mode: str, stack: str, args) -> None:
     if stack == "hf":
         model, n, step = build_hf(model_name, mode)
     else:
-        model, n, step = build_ours(model_name, mode, checkpointing=stack == "ours+ckpt")
+        model, n, step = build_ours(model_name, mode, stack)
     ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast == "bf16"
            else torch.autocast("cpu", enabled=False))
     with ctx:
@@ -216,16 +229,47 @@ def child(model_name: str, mode: str, stack: str, args) -> None:
             say({"peak_mib": (rss_kib("VmHWM") - base) / 1024})
             return
         base = reset_peak()
-        for _ in range(args.warmup if args.warmup >= 0 else STEPS[model_name][0]):
+        first = time.perf_counter()
+        step()  # the first step pays for torch.compile's compilation, when there is one
+        first = time.perf_counter() - first
+        for _ in range((args.warmup if args.warmup >= 0 else STEPS[model_name][0]) - 1):
             step()
-        say({"ready": True, "n_matmul_params": n})
+        say({"ready": True, "n_matmul_params": n, "first_step_s": first})
         for line in sys.stdin:
+            if line.strip() == "profile":
+                say(profile_step(step))
+                continue
             if line.strip() != "step":
                 break
             t0, c0 = time.perf_counter(), time.process_time()
             step()
             say({"s": time.perf_counter() - t0, "cpu": time.process_time() - c0,
                  "peak_rss_mib": (rss_kib("VmHWM") - base) / 1024})
+
+
+# torch.profiler op names by kind of work: the matrix products (MKL through aten, oneDNN through
+# mkldnn) and the fused attention kernels (forward and backward) do the FLOPs; "other" is the
+# rest: norms, RoPE, SwiGLU, softmax of the loss, AdamW, clipping, autograd's bookkeeping
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
+            "mkldnn::_linear_pointwise"}
+
+
+def profile_step(step, steps: int = 3) -> dict:
+    """`steps` steps under torch.profiler, one at a time: the median self time of each kind of
+    work (GEMMs, attention, the rest), in seconds of the calling thread (intra-op threads are
+    not added up), so the three add up to about a step."""
+    from torch.profiler import ProfilerActivity, profile
+    runs = []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        kinds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+        for ev in prof.key_averages():
+            kind = ("gemm" if ev.key in GEMM_OPS else
+                    "attention" if "scaled_dot_product" in ev.key else "other")
+            kinds[kind] += ev.self_cpu_time_total / 1e6  # microseconds -> seconds
+        runs.append(kinds)
+    return {kind: statistics.median(r[kind] for r in runs) for kind in runs[0]}
 
 
 class Child:
@@ -276,6 +320,9 @@ def measure(python: str, isa: str, model_name: str, mode: str, stacks: list[str]
                 got[s]["s"].append(res["s"])
                 got[s]["cpu"].append(res["cpu"])
                 got[s]["peak_rss_mib"] = res["peak_rss_mib"]
+        if args.profile:
+            for s in stacks:
+                got[s]["profile"] = children[s].ask("profile")
     finally:
         for c in children.values():
             c.close()
@@ -321,11 +368,16 @@ def report(isa: str, results: dict, gemm: dict[str, float], out: dict) -> None:
             key = f"{model_name}_{mode}_{stack.replace('+', '_')}_{isa}"
             out.update({f"tokens_per_s_{key}": round(tok_s, 1), f"peak_mib_{key}": round(r["peak_mib"], 1),
                         f"mfu_{key}": round(mfu, 4)})
-            print(f"[{isa}] {model_name:5s} {mode:5s} {stack:9s}: {tok_s:8.1f} tok/s "
+            print(f"[{isa}] {model_name:5s} {mode:5s} {stack:12s}: {tok_s:8.1f} tok/s "
                   f"({tok_cpu:7.1f} per CPU-s)  peak {r['peak_mib']:7.1f} MiB "
                   f"(RSS {r['peak_rss_mib']:7.1f})  MFU {100 * mfu:5.1f}%  steps "
-                  + " ".join(f"{t:.2f}s" for t in r["s"]))
-        for ours, suffix in (("ours", ""), ("ours+ckpt", "_ckpt")):
+                  + " ".join(f"{t:.2f}s" for t in r["s"]) + f"  (first step {r['first_step_s']:.1f}s)")
+            if "profile" in r:
+                p = r["profile"]
+                out.update({f"profile_{kind}_s_{key}": round(v, 4) for kind, v in p.items()})
+                print(f"[{isa}] {model_name:5s} {mode:5s} {stack:12s} profiled step (median of 3): GEMM "
+                      f"{p['gemm']:.3f}s, attention {p['attention']:.3f}s, other {p['other']:.3f}s")
+        for ours, suffix in (("ours", ""), ("ours+ckpt", "_ckpt"), ("ours+compile", "_compile")):
             if ours in got and "hf" in got:
                 tr = paired(got["hf"]["s"], got[ours]["s"])
                 cr = paired(got["hf"]["cpu"], got[ours]["cpu"])
@@ -336,15 +388,28 @@ def report(isa: str, results: dict, gemm: dict[str, float], out: dict) -> None:
                             f"peak_mem_ratio_{key}": round(mr, 3)})
                 print(f"[{isa}] {model_name:5s} {mode:5s} {ours}/hf: tokens/s x{tr:.2f} "
                       f"(per CPU-second x{cr:.2f}), peak memory x{mr:.2f}")
+                if "profile" in got[ours] and "profile" in got["hf"]:
+                    # the most this stack could gain if everything but its GEMMs and attention
+                    # kernels cost nothing: HF's whole profiled step over those two alone
+                    p, hf = got[ours]["profile"], got["hf"]["profile"]
+                    ceiling = sum(hf.values()) / (p["gemm"] + p["attention"])
+                    out[f"ceiling_ratio_{key}"] = round(ceiling, 3)
+                    print(f"[{isa}] {model_name:5s} {mode:5s} {ours}/hf: ceiling x{ceiling:.2f} "
+                          f"(HF's step {sum(hf.values()):.3f}s over this stack's GEMM + attention "
+                          f"{p['gemm'] + p['attention']:.3f}s)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="pico,110m")
     ap.add_argument("--modes", default="full,lora")
-    ap.add_argument("--stacks", default="ours,ours+ckpt,hf",
-                    help="ours, ours+ckpt (activation checkpointing per block) and/or hf "
+    ap.add_argument("--stacks", default="ours,ours+ckpt,ours+compile,hf",
+                    help="ours, ours+ckpt (activation checkpointing per block), ours+compile "
+                         "(train.compile: each block through torch.compile) and/or hf "
                          "(hf needs transformers+peft)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed rounds, one step per stack under torch.profiler: "
+                         "seconds in GEMMs, attention and the rest, and the ceiling they set")
     ap.add_argument("--isa", default="native,avx2",
                     help="native and/or avx2 (math libraries capped to AVX2, see bench/_isa.py)")
     ap.add_argument("--threads", type=int, default=2)

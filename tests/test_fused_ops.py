@@ -170,3 +170,33 @@ def test_speedups_give_the_plain_models_gradients(family):
             assert state.lean_backward and state.recompute
             if family == "qwen3":
                 assert type(applied.layers[0].self_attn.q_norm) is LeanRMSNorm
+
+
+# --------------------------------------------------------------------------- train.compile
+
+def test_compiled_blocks_are_plain_and_give_the_eager_gradients():
+    """train.compile: speedups.apply(compiled=True) leaves the blocks plain (inductor fuses and
+    recomputes by itself), and the compiled blocks train like eager ones (fp32 rounding apart:
+    inductor sums the norms' reductions in its own order)."""
+    from training.distributed import shard_model
+    eager, compiled = _tiny_model(), _tiny_model()
+    applied = speedups.apply(compiled, onednn=False, compiled=True)
+    assert not applied.lean_backward and not applied.recompute
+    assert not any(isinstance(m, (speedups.LeanDecoderLayer, speedups.LeanRMSNorm))
+                   for m in compiled.modules())
+    shard_model(compiled, mixed_precision=False, compile=True)
+    want, got = _grads(eager, recompute=False), _grads(compiled, recompute=False)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_before_any_work(monkeypatch, tmp_path):
+    import training.loop
+    from model.errors import SFTError
+    from training.config import load_config
+    cfg = load_config("configs/quickstart.toml", ["train.compile=true", f"run.out_dir={tmp_path}"])
+    monkeypatch.setattr(training.loop.shutil, "which", lambda name: None)
+    with pytest.raises(SFTError, match=r"^config: train.compile=true on the CPU needs a C\+\+ compiler"):
+        training.loop.setup(cfg)
+    assert not any(tmp_path.iterdir())  # nothing written

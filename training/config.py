@@ -67,7 +67,8 @@ class TrainConfig:
                           "(~8 MiB of logits)", ge=0)
     activation_checkpointing: bool = opt(False, "recompute each block in backward: about 1/3 "
                                          "more compute for a fraction of the activation memory")
-    compile: bool = opt(False, "torch.compile each transformer block (slow first steps)")
+    compile: bool = opt(False, "torch.compile each transformer block, left plain for inductor to fuse: "
+                         "faster steps, more memory, a slow first step; needs a C++ compiler on CPU")
     speedups: bool = opt(True, "CPU speed/memory work applied to the model (model/speedups.py): "
                          "the GEMM library per product (calibrated once per machine), lean norm/SwiGLU backward, recomputed activations")
     log_every: int = opt(1, "write a metrics.jsonl line every N steps", ge=1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -204,6 +205,10 @@ def setup(cfg: Config) -> Run:
         raise SFTError("config: run.resume=true continues the run, run.overwrite=true replaces it; pass one")
     # under torchrun: open the process group (NCCL/gloo), one GPU per process; else a no-op
     device = D.init_distributed(pick_device(cfg.run.device).type).device
+    if cfg.train.compile and device.type == "cpu" and not any(map(shutil.which, ("g++", "clang++", "c++"))):
+        # inductor writes C++ for CPU kernels; without a compiler it fails deep in the first step
+        raise SFTError("config: train.compile=true on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
+                       "install one or set train.compile=false")
     rank, world = D.rank(), D.world_size()
     micro_batch, accum = split_step(cfg.train.batch_size, cfg.train.grad_accum, world)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -231,7 +236,7 @@ def setup(cfg: Config) -> Run:
     data = prepare_data(cfg, chat)
     check_untrained_tokens(model, data, tok, cfg.model.init_untrained_tokens, log)
     if cfg.train.speedups:
-        speedups.apply(model)
+        speedups.apply(model, compiled=cfg.train.compile)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     rows_per_step = cfg.train.batch_size * cfg.train.grad_accum
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * data.n_train / rows_per_step))
