@@ -252,9 +252,10 @@ def child(model_name: str, mode: str, stack: str, args) -> None:
 # rest: norms, RoPE, SwiGLU, softmax of the loss, AdamW, clipping, autograd's bookkeeping
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
             "mkldnn::_linear_pointwise"}
+PROFILED_STEPS = 3
 
 
-def profile_step(step, steps: int = 3) -> dict:
+def profile_step(step, steps: int = PROFILED_STEPS) -> dict:
     """`steps` steps under torch.profiler, one at a time: the median self time of each kind of
     work (GEMMs, attention, the rest), in seconds of the calling thread (intra-op threads are
     not added up), so the three add up to about a step."""
@@ -375,7 +376,7 @@ def report(isa: str, results: dict, gemm: dict[str, float], out: dict) -> None:
             if "profile" in r:
                 p = r["profile"]
                 out.update({f"profile_{kind}_s_{key}": round(v, 4) for kind, v in p.items()})
-                print(f"[{isa}] {model_name:5s} {mode:5s} {stack:12s} profiled step (median of 3): GEMM "
+                print(f"[{isa}] {model_name:5s} {mode:5s} {stack:12s} profiled step (median of {PROFILED_STEPS}): GEMM "
                       f"{p['gemm']:.3f}s, attention {p['attention']:.3f}s, other {p['other']:.3f}s")
         for ours, suffix in (("ours", ""), ("ours+ckpt", "_ckpt"), ("ours+compile", "_compile")):
             if ours in got and "hf" in got:
@@ -391,12 +392,11 @@ def report(isa: str, results: dict, gemm: dict[str, float], out: dict) -> None:
                 if "profile" in got[ours] and "profile" in got["hf"]:
                     # the most this stack could gain if everything but its GEMMs and attention
                     # kernels cost nothing: HF's whole profiled step over those two alone
-                    p, hf = got[ours]["profile"], got["hf"]["profile"]
-                    ceiling = sum(hf.values()) / (p["gemm"] + p["attention"])
-                    out[f"ceiling_ratio_{key}"] = round(ceiling, 3)
-                    print(f"[{isa}] {model_name:5s} {mode:5s} {ours}/hf: ceiling x{ceiling:.2f} "
-                          f"(HF's step {sum(hf.values()):.3f}s over this stack's GEMM + attention "
-                          f"{p['gemm'] + p['attention']:.3f}s)")
+                    p = got[ours]["profile"]
+                    hf_step, floor = sum(got["hf"]["profile"].values()), p["gemm"] + p["attention"]
+                    out[f"ceiling_ratio_{key}"] = round(hf_step / floor, 3)
+                    print(f"[{isa}] {model_name:5s} {mode:5s} {ours}/hf: ceiling x{hf_step / floor:.2f} "
+                          f"(HF's step {hf_step:.3f}s over this stack's GEMM + attention {floor:.3f}s)")
 
 
 def main() -> None:
@@ -408,14 +408,16 @@ def main() -> None:
                          "(train.compile: each block through torch.compile) and/or hf "
                          "(hf needs transformers+peft)")
     ap.add_argument("--profile", action="store_true",
-                    help="after the timed rounds, one step per stack under torch.profiler: "
+                    help=f"after the timed rounds, {PROFILED_STEPS} steps per stack under torch.profiler: "
                          "seconds in GEMMs, attention and the rest, and the ceiling they set")
     ap.add_argument("--isa", default="native,avx2",
                     help="native and/or avx2 (math libraries capped to AVX2, see bench/_isa.py)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=0,
                     help="timed rounds, one step per stack each (default: 9 pico, 3 110m)")
-    ap.add_argument("--warmup", type=int, default=-1, help="untimed steps first (default: 2 pico, 1 110m)")
+    ap.add_argument("--warmup", type=int, default=-1,
+                    help="untimed steps first, at least 1: the first is reported apart, it pays "
+                         "for compilation (default: 2 pico, 1 110m)")
     ap.add_argument("--autocast", default="none", choices=("none", "bf16"))
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "MODE", "STACK"), help=argparse.SUPPRESS)
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
